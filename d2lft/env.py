@@ -1,0 +1,35 @@
+"""The one place where d2lft reads the environment.
+
+Everything else receives paths and flags as arguments; only the defaults come from here.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+__all__ = ["data_dir", "offline"]
+
+_REPO_ROOT = Path(__file__).resolve().parent.parent
+
+
+def data_dir() -> Path:
+    """Where datasets live: ``$D2LFT_DATA_DIR`` if set, else the repository's ``data/`` folder.
+
+    >>> isinstance(data_dir(), Path)
+    True
+    """
+    value = os.environ.get("D2LFT_DATA_DIR")
+    if value:
+        return Path(value).expanduser().resolve()
+    if (_REPO_ROOT / "pyproject.toml").exists():  # an editable install inside the course repository
+        return _REPO_ROOT / "data"
+    return Path.home() / ".d2lft" / "data"
+
+
+def offline() -> bool:
+    """True when ``$D2LFT_OFFLINE`` asks d2lft never to touch the network.
+
+    >>> offline() in (True, False)
+    True
+    """
+    return os.environ.get("D2LFT_OFFLINE", "").strip().lower() in {"1", "true", "yes"}
