@@ -20,7 +20,12 @@ def data_dir() -> Path:
     """
     value = os.environ.get("D2LFT_DATA_DIR")
     if value:
-        return Path(value).expanduser().resolve()
+        path = Path(value).expanduser()
+        # Notebooks run in book/, tests in the repository root: a relative setting such as
+        # ../shared/data is taken from the current directory, else from the repository root.
+        if not path.is_absolute() and not path.exists() and (_REPO_ROOT / path).exists():
+            path = _REPO_ROOT / path
+        return path.resolve()
     if (_REPO_ROOT / "pyproject.toml").exists():  # an editable install inside the course repository
         return _REPO_ROOT / "data"
     return Path.home() / ".d2lft" / "data"

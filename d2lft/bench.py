@@ -1,0 +1,175 @@
+"""Images per second of a plain PyTorch loop and of `d2lft.fit`, side by side in one process.
+
+Each contender trains the same model on the same images with the same batch size, image size and
+optimizer. A step is timed from one batch request to the next, so data loading counts; the
+figure is the median over the timed steps after a few warm-up steps.
+"""
+from __future__ import annotations
+
+import statistics
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import torch
+from torch import nn
+from torch.utils.data import DataLoader
+
+__all__ = ["bench", "format_report", "plain_loop", "TimedLoader"]
+
+
+class TimedLoader:
+    """Wraps a DataLoader: yields its first `limit` batches and records when each was asked for.
+
+    >>> loader = TimedLoader([(torch.zeros(2, 3), torch.zeros(2))] * 3, limit=2)
+    >>> len(loader), len(list(loader)), len(loader.step_seconds())
+    (2, 2, 1)
+    """
+
+    def __init__(self, loader, *, limit: int) -> None:
+        self.loader = loader
+        self.limit = min(limit, len(loader))
+        self.stamps: list[float] = []
+        self.batch_sizes: list[int] = []
+
+    def __len__(self) -> int:
+        return self.limit
+
+    def __iter__(self) -> Iterator:
+        self.stamps = []
+        self.batch_sizes = []
+        for i, batch in enumerate(self.loader):
+            if i == self.limit:
+                break
+            self.stamps.append(time.perf_counter())
+            self.batch_sizes.append(len(batch[1]))
+            yield batch
+        self.stamps.append(time.perf_counter())  # the end of the last step
+
+    def step_seconds(self) -> list[float]:
+        """Seconds per step: from one batch arriving to the next (compute + loading the next batch)."""
+        return [b - a for a, b in zip(self.stamps[1:-1], self.stamps[2:])]
+
+
+def plain_loop(net: nn.Module, loader, *, device: torch.device, lr: float = 1e-3) -> None:
+    """The loop a learner writes by hand: one epoch of forward, loss, backward, step."""
+    net.to(device).train()
+    optimizer = torch.optim.AdamW(net.parameters(), lr=lr)
+    loss_fn = nn.CrossEntropyLoss()
+    for images, labels in loader:
+        images, labels = images.to(device), labels.to(device)
+        loss = loss_fn(net(images), labels)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def _images_per_second(timed: TimedLoader, warmup: int) -> float:
+    steps = timed.step_seconds()[max(warmup - 1, 0):]
+    if not steps:
+        raise ValueError("bench: no timed steps; use more images, a smaller batch or fewer warm-up steps")
+    return timed.batch_sizes[0] / statistics.median(steps)
+
+
+def _plain_loader(root: Path, *, image_size: int, batch_size: int, mean, std) -> DataLoader:
+    """torchvision's ImageFolder with PIL transforms: every epoch decodes every JPEG again."""
+    from torchvision import datasets
+    from torchvision.transforms import v2
+
+    transform = v2.Compose(
+        [
+            v2.RandomResizedCrop(image_size, antialias=True),
+            v2.RandomHorizontalFlip(),
+            v2.PILToTensor(),
+            v2.ToDtype(torch.float32, scale=True),
+            v2.Normalize(mean, std),
+        ]
+    )
+    dataset = datasets.ImageFolder(root / "train", transform=transform)
+    return DataLoader(dataset, batch_size=batch_size, shuffle=True, drop_last=True)
+
+
+def bench(
+    *,
+    model: str = "efficientnet_lite0",
+    image_size: int = 160,
+    batch_size: int = 32,
+    steps: int = 10,
+    warmup: int = 2,
+    device: str | torch.device | None = None,
+    data: str | Path | None = None,
+    contenders: tuple[str, ...] = ("plain", "fit_plain", "fit"),
+) -> dict:
+    """Train the same model with each contender and return their images/s and ratios.
+
+    Contenders: ``plain`` (hand-written loop, ImageFolder decoding JPEGs every step), ``fit_plain``
+    (`d2lft.fit` with its fast path off: the same uncached loader, no channels_last) and ``fit``
+    (`d2lft.fit` with its defaults on `d2lft.image_folders`' cached tensors).
+
+    >>> report = bench(model="efficientnet_lite0", image_size=32, batch_size=4, steps=2, warmup=1,
+    ...                contenders=("plain", "fit"))  # doctest: +SKIP
+    """
+    from d2lft.data import course_dataset, image_folders
+    from d2lft.models import create_model
+    from d2lft.train import fit, get_device
+
+    device = torch.device(device) if device is not None else get_device()
+    root = Path(data) if data is not None else course_dataset(verbose=False)
+    limit = warmup + steps + 1
+    results: dict[str, float] = {}
+    setup_seconds: dict[str, float] = {}
+    for name in contenders:
+        torch.manual_seed(0)
+        t0 = time.perf_counter()
+        if name == "fit":
+            folders = image_folders(root, image_size=image_size, batch_size=batch_size, cache=True)
+            loader, classes, mean, std = folders.train, folders.classes, folders.mean, folders.std
+        else:
+            probe = create_model(model, pretrained=False)
+            mean, std = probe.mean, probe.std
+            loader = _plain_loader(root, image_size=image_size, batch_size=batch_size, mean=mean, std=std)
+            classes = loader.dataset.classes
+        net = create_model(model, num_classes=len(classes))
+        setup_seconds[name] = time.perf_counter() - t0
+        timed = TimedLoader(loader, limit=limit)
+        if name == "plain":
+            plain_loop(net, timed, device=device)
+        elif name == "fit_plain":
+            fit(net, timed, epochs=1, device=device, progress=False, amp=False, channels_last=False,
+                restore_best=False)
+        elif name == "fit":
+            fit(net, timed, epochs=1, device=device, progress=False, restore_best=False)
+        else:
+            raise ValueError(f"bench: unknown contender {name!r}; expected plain, fit_plain or fit")
+        results[name] = _images_per_second(timed, warmup)
+    report = {
+        "model": model,
+        "device": str(device),
+        "image_size": image_size,
+        "batch_size": batch_size,
+        "steps": steps,
+        "warmup": warmup,
+        "threads": torch.get_num_threads(),
+        "data": str(root),
+        "images_per_second": results,
+        "setup_seconds": setup_seconds,
+    }
+    if "plain" in results:
+        report["ratio_vs_plain"] = {k: v / results["plain"] for k, v in results.items() if k != "plain"}
+    return report
+
+
+def format_report(report: dict) -> str:
+    """A small table of a `bench` report, for the terminal."""
+    lines = [
+        f"{report['model']} on {report['device']}, {report['image_size']} px, batch {report['batch_size']}, "
+        f"median of {report['steps']} steps after {report['warmup']} warm-up",
+        f"{'contender':<10} {'images/s':>9} {'vs plain':>9} {'setup s':>8}",
+    ]
+    ratios = report.get("ratio_vs_plain", {})
+    for name, ips in report["images_per_second"].items():
+        ratio = f"{ratios[name]:.2f}x" if name in ratios else "1.00x" if name == "plain" else "-"
+        lines.append(f"{name:<10} {ips:9.1f} {ratio:>9} {report['setup_seconds'][name]:8.1f}")
+    return "\n".join(lines)

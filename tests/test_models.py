@@ -1,0 +1,272 @@
+"""Tests for d2lft.models and d2lft.efficientnet_lite: golden ImageNet predictions, the Net split, heads, errors."""
+from __future__ import annotations
+
+import socket
+from pathlib import Path
+
+import pytest
+import torch
+from matplotlib.cbook import get_sample_data
+from torch import nn
+from torchvision.models import MobileNet_V3_Small_Weights, ResNet18_Weights
+from torchvision.transforms import v2
+
+from d2lft.efficientnet_lite import SamePad, efficientnet_lite0, rename_lite0_key
+from d2lft.images import load_image
+from d2lft.models import WeightsUnavailableError, create_model, list_models, replace_head, summary
+
+MILITARY_UNIFORM, ACADEMIC_GOWN, MORTARBOARD, BEE, ANT = 652, 400, 667, 309, 310
+IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+SCRATCH_NAMES = ["efficientnet_lite0", "resnet18", "mobilenet_v3_small", "efficientnet_b0", "convnext_tiny"]
+
+
+@pytest.fixture(scope="module")
+def lite0() -> nn.Module:
+    return create_model("efficientnet_lite0").eval()
+
+
+@pytest.fixture(scope="module")
+def grace_hopper():
+    return load_image(get_sample_data("grace_hopper.jpg", asfileobj=False))
+
+
+def preprocess(*, resize: int, crop: int, mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5)) -> v2.Compose:
+    return v2.Compose([v2.ToImage(), v2.Resize(resize, antialias=True), v2.CenterCrop(crop),
+                       v2.ToDtype(torch.float32, scale=True), v2.Normalize(mean, std)])
+
+
+# --- golden references ---------------------------------------------------------------------------
+
+
+def test_lite0_logits_equal_the_reference_implementation():
+    # Logits of efficientnet_lite_pytorch 0.1.0 (EfficientNet.from_pretrained('efficientnet-lite0',
+    # weights_path=<the same file>), a fork of efficientnet_pytorch with static TF "SAME" padding)
+    # on this seeded input; our module gave the same logits to 0.0 max difference.
+    x = torch.rand(2, 3, 224, 224, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    reference = torch.tensor([
+        [-2.91287, 0.204234, 0.00223727, 2.54234, -1.51111, 0.418704, 0.889721],
+        [-2.75310, 0.223119, -0.225909, 2.31819, -1.65066, 0.341829, 1.10932],
+    ])
+    with torch.no_grad():
+        logits = efficientnet_lite0().eval()(x)
+    assert torch.allclose(logits[:, [0, 1, 309, 310, 400, 652, 999]], reference, atol=1e-3)
+    assert logits.argmax(1).tolist() == [21, 21]
+
+
+def test_grace_hopper_is_a_military_uniform(lite0, grace_hopper):
+    # The whole portrait (shorter side 224, keeps the full width) shows the uniform: class 652.
+    with torch.no_grad():
+        probs = lite0(preprocess(resize=224, crop=224)(grace_hopper)[None]).softmax(1)[0]
+    assert lite0.categories[MILITARY_UNIFORM] == "military uniform"
+    assert probs.argmax().item() == MILITARY_UNIFORM
+    assert 0.25 < probs[MILITARY_UNIFORM].item() < 0.45  # measured 0.32
+
+
+def test_grace_hopper_with_the_standard_eval_crop(lite0, grace_hopper):
+    # The 87.5% centre crop (TF's eval preprocessing, net.transforms()) cuts the uniform's
+    # shoulders; the cap and gown classes then compete with it: measured 0.26 / 0.21 / 0.13.
+    with torch.no_grad():
+        probs = lite0(lite0.transforms()(grace_hopper)[None]).softmax(1)[0]
+    assert set(probs.topk(3).indices.tolist()) == {ACADEMIC_GOWN, MORTARBOARD, MILITARY_UNIFORM}
+
+
+@pytest.mark.photos
+def test_hymenoptera_photos_get_ant_and_bee_labels_with_tf_normalisation(lite0, hymenoptera_root):
+    paths = sorted((hymenoptera_root / "val" / "ants").glob("*.jpg"))[:6]
+    paths += sorted((hymenoptera_root / "val" / "bees").glob("*.jpg"))[:6]
+    labels = torch.tensor([ANT] * 6 + [BEE] * 6)
+    images = [load_image(p) for p in paths]
+
+    def nll_and_acc(mean, std):
+        batch = torch.stack([preprocess(resize=256, crop=224, mean=mean, std=std)(im) for im in images])
+        with torch.no_grad():
+            probs = lite0(batch).softmax(1)
+        return -probs[torch.arange(len(labels)), labels].log().mean().item(), (probs.argmax(1) == labels).float().mean()
+
+    tf_nll, tf_acc = nll_and_acc(lite0.mean, lite0.std)
+    imagenet_nll, _ = nll_and_acc(IMAGENET_MEAN, IMAGENET_STD)
+    assert lite0.mean == lite0.std == (0.5, 0.5, 0.5)
+    assert tf_acc >= 0.75  # measured 10/12 exact ImageNet labels
+    assert tf_nll < imagenet_nll  # measured 0.95 vs 2.27: the weights expect (x - 0.5) / 0.5
+
+
+# --- architecture details --------------------------------------------------------------------------
+
+
+def test_same_pad_is_asymmetric_like_tensorflow():
+    x = torch.ones(1, 1, 56, 56)
+    padded = SamePad(5, 2)(x)  # total padding 3: one before, two after
+    assert padded.shape[-2:] == (59, 59)
+    assert padded[0, 0, 1, 1] == 1 and padded[0, 0, 0, 0] == 0 and padded[0, 0, -2, -2] == 0
+    assert SamePad(3, 2)(torch.ones(1, 1, 7, 7)).shape[-1] == 9  # odd input: 1 each side
+
+
+def test_key_mapping_covers_the_file_exactly():
+    from d2lft.efficientnet_lite import lite0_weights_path
+
+    keys = torch.load(lite0_weights_path(), map_location="cpu", weights_only=True).keys()
+    mapped = {rename_lite0_key(k) for k in keys}
+    assert mapped == set(efficientnet_lite0(pretrained=False).state_dict())
+    with pytest.raises(KeyError, match="_mystery"):
+        rename_lite0_key("_mystery.weight")
+
+
+def test_lite0_accepts_other_image_sizes(lite0):
+    with torch.no_grad():  # SamePad computes the padding from each input, so any size works
+        for size in (97, 160):
+            assert lite0.forward_features(torch.zeros(1, 3, size, size)).shape == (1, 1280)
+
+
+# --- the Net split ---------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", SCRATCH_NAMES)
+def test_blocks_cover_every_backbone_parameter_once_in_forward_order(name):
+    net = create_model(name, pretrained=False).eval()
+    block_params = [id(p) for _, block in net.blocks() for p in block.parameters()]
+    assert len(block_params) == len(set(block_params))
+    assert set(block_params) == {id(p) for p in net.backbone.parameters()}
+    assert net.blocks()[0][0] == "backbone.stem"
+
+    called: list[str] = []
+    for block_name, block in net.blocks():
+        block.register_forward_hook(lambda *_, n=block_name: called.append(n))
+    with torch.no_grad():
+        features = net.forward_features(torch.zeros(1, 3, 64, 64))
+    assert called == [n for n, _ in net.blocks()]  # blocks run from input to output
+    assert features.shape == (1, net.num_features)
+    assert net.forward_head(features).shape == (1, 1000)
+
+
+def test_resnet_blocks_are_stem_and_layers():
+    net = create_model("resnet18", pretrained=False)
+    assert [n for n, _ in net.blocks()] == ["backbone.stem"] + [f"backbone.layer{i}" for i in range(1, 5)]
+
+
+def test_lite0_blocks_are_stem_stages_and_final_conv(lite0):
+    names = [n for n, _ in lite0.blocks()]
+    assert names == ["backbone.stem"] + [f"backbone.stage{i}" for i in range(1, 8)] + ["backbone.final_conv"]
+    assert lite0.image_size == 224 and len(lite0.categories) == 1000
+
+
+def test_scratch_resnet18_has_random_weights_and_imagenet_preprocessing():
+    torch.manual_seed(0)
+    net = create_model("resnet18", pretrained=False)
+    assert net.categories is None
+    assert (net.mean, net.std, net.image_size) == (IMAGENET_MEAN, IMAGENET_STD, 224)
+    with torch.no_grad():
+        assert net(torch.zeros(2, 3, 64, 64)).shape == (2, 1000)
+
+
+# --- heads ---------------------------------------------------------------------------------------------
+
+
+def test_new_head_is_xavier_initialised_and_backbone_stays_pretrained(lite0):
+    net = create_model("efficientnet_lite0", num_classes=5)
+    assert isinstance(net.head, nn.Linear) and (net.head.in_features, net.head.out_features) == (1280, 5)
+    assert torch.equal(net.head.bias, torch.zeros(5))
+    bound = (6 / (1280 + 5)) ** 0.5
+    assert net.head.weight.abs().max() <= bound and net.head.weight.std() > bound / 3
+    assert net.categories is None and net.num_outputs == 5
+    assert torch.equal(net.backbone.stem.conv.weight, lite0.backbone.stem.conv.weight)
+    with torch.no_grad():
+        assert net(torch.zeros(3, 3, 64, 64)).shape == (3, 5)
+
+
+def test_replace_head_in_place_keeps_dtype_and_validates():
+    net = create_model("resnet18", pretrained=False).double()
+    assert replace_head(net, 2, init="default") is net
+    assert net.head.weight.dtype == torch.float64 and net.head.bias.abs().sum() > 0  # PyTorch's init
+    with pytest.raises(ValueError, match="num_outputs=0"):
+        replace_head(net, 0)
+    with pytest.raises(ValueError, match="init='he'"):
+        replace_head(net, 2, init="he")
+
+
+def test_regression_head_has_one_output():
+    net = create_model("mobilenet_v3_small", pretrained=False, task="regression")
+    assert net.num_outputs == 1 and net.categories is None
+    with torch.no_grad():
+        assert net(torch.zeros(2, 3, 64, 64)).shape == (2, 1)
+    with pytest.raises(ValueError, match="num_classes=3"):
+        create_model("mobilenet_v3_small", pretrained=False, task="regression", num_classes=3)
+    with pytest.raises(ValueError, match="task='detection'"):
+        create_model("resnet18", pretrained=False, task="detection")
+
+
+# --- summary, names, errors ------------------------------------------------------------------------
+
+
+def test_summary_counts_match_the_parameters():
+    net = create_model("resnet18", pretrained=False, num_classes=2)
+    for p in net.backbone.stem.parameters():
+        p.requires_grad_(False)
+    table = summary(net)
+    rows = {line.split()[0]: line.split()[1:] for line in table.splitlines()[2:]}
+    as_int = lambda s: int(s.replace(",", ""))  # noqa: E731
+    total = sum(p.numel() for p in net.parameters())
+    trainable = sum(p.numel() for p in net.parameters() if p.requires_grad)
+    assert [as_int(s) for s in rows["total"]] == [total, trainable]
+    assert as_int(rows["backbone.stem"][1]) == 0 < as_int(rows["backbone.stem"][0])
+    assert as_int(rows["head"][0]) == 512 * 2 + 2
+    assert sum(as_int(v[0]) for k, v in rows.items() if k != "total") == total
+
+
+def test_list_models_and_unknown_name():
+    assert {"efficientnet_lite0", "resnet18", "resnet34", "resnet50", "mobilenet_v3_small",
+            "mobilenet_v3_large", "efficientnet_b0", "convnext_tiny"} <= set(list_models())
+    with pytest.raises(ValueError, match="unknown model 'resnet9'.*efficientnet_lite0.*resnet18"):
+        create_model("resnet9")
+
+
+def _refused_url(filename: str) -> str:
+    """A local URL nothing listens on: the connection is refused at once, no internet involved."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    return f"http://127.0.0.1:{port}/{filename}"
+
+
+def test_missing_torchvision_weights_raise_a_clear_error(tmp_path, monkeypatch):
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path))
+    monkeypatch.setenv("no_proxy", "*")
+    monkeypatch.delenv("D2LFT_OFFLINE", raising=False)
+    weights = ResNet18_Weights.IMAGENET1K_V1
+    filename = Path(weights.url).name
+    monkeypatch.setattr(weights.value, "url", _refused_url(filename))
+    with pytest.raises(WeightsUnavailableError) as info:
+        create_model("resnet18")
+    message = str(info.value)
+    assert isinstance(info.value, RuntimeError)
+    assert filename in message and str(tmp_path / "hub" / "checkpoints") in message
+    assert "TORCH_HOME" in message and "efficientnet_lite0" in message and "pretrained=False" in message
+    assert not list((tmp_path / "hub" / "checkpoints").glob("*.pth"))  # no half-written file left
+
+
+def test_offline_flag_skips_the_download(tmp_path, monkeypatch):
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path))
+    monkeypatch.setenv("D2LFT_OFFLINE", "1")
+    with pytest.raises(WeightsUnavailableError, match="D2LFT_OFFLINE"):
+        create_model("mobilenet_v3_small")
+
+
+def test_cached_torchvision_weights_are_loaded_offline(tmp_path, monkeypatch):
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path))
+    monkeypatch.setenv("D2LFT_OFFLINE", "1")
+    weights = MobileNet_V3_Small_Weights.DEFAULT
+    cached = create_model("mobilenet_v3_small", pretrained=False)  # stands in for the real file
+    from torchvision.models import mobilenet_v3_small
+
+    reference = mobilenet_v3_small()
+    path = tmp_path / "hub" / "checkpoints" / Path(weights.url).name
+    path.parent.mkdir(parents=True)
+    torch.save(reference.state_dict(), path)
+    net = create_model("mobilenet_v3_small")
+    assert torch.equal(net.head.weight, reference.classifier[-1].weight)
+    assert torch.equal(net.backbone.stem[0].weight, reference.features[0][0].weight)
+    assert not torch.equal(net.head.weight, cached.head.weight)
+    assert net.categories == weights.meta["categories"]
+
+    path.write_bytes(b"not a checkpoint")
+    with pytest.raises(WeightsUnavailableError, match="delete it"):
+        create_model("mobilenet_v3_small")

@@ -1,0 +1,434 @@
+"""fit, History, early stopping, faults, checkpoints and resume, on tiny generated tensors."""
+from __future__ import annotations
+
+import copy
+import math
+
+import pytest
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+from d2lft.freeze import GradualUnfreezing
+from d2lft.net import Net
+from d2lft.train import (
+    CheckpointError,
+    EarlyStopping,
+    History,
+    evaluate,
+    fit,
+    get_device,
+    load_checkpoint,
+    predict,
+    save_checkpoint,
+    set_seed,
+)
+
+QUIET = {"progress": False, "device": "cpu"}
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny tensors train fastest on one thread; several threads on a shared CPU spin-wait (measured 60x)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def tiny_net(num_outputs: int = 2, *, seed: int = 0, dropout: float = 0.0) -> Net:
+    torch.manual_seed(seed)
+    backbone = nn.Sequential()
+    backbone.add_module("stem", nn.Sequential(nn.Conv2d(3, 6, 3, padding=1), nn.BatchNorm2d(6), nn.ReLU()))
+    backbone.add_module("stage", nn.Sequential(nn.Conv2d(6, 8, 3, padding=1), nn.ReLU()))
+    backbone.add_module("pool", nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten()))
+    head = nn.Sequential(nn.Dropout(dropout), nn.Linear(8, num_outputs))
+    return Net(backbone, head, blocks=["stem", "stage"], num_features=8, name="tiny")
+
+
+def images(n: int = 48, *, seed: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+    """Images whose class is whether their red channel is brighter than their blue one (learnable)."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, 3, 8, 8, generator=g)
+    y = (x[:, 0].mean((1, 2)) > x[:, 2].mean((1, 2))).long()
+    return x, y
+
+
+def loader(x, y, *, batch_size: int = 8, shuffle: bool = False, seed: int | None = None) -> DataLoader:
+    generator = torch.Generator().manual_seed(seed) if seed is not None else None
+    return DataLoader(TensorDataset(x, y), batch_size=batch_size, shuffle=shuffle, generator=generator)
+
+
+def sgd(net: nn.Module) -> torch.optim.Optimizer:
+    return torch.optim.SGD(net.parameters(), lr=0.1, momentum=0.9)
+
+
+class Snapshots:
+    """Callback: the weights at the end of every epoch, and the epochs it saw."""
+
+    def __init__(self) -> None:
+        self.weights: list[dict[str, torch.Tensor]] = []
+        self.starts: list[int] = []
+
+    def on_epoch_start(self, epoch, net, optimizer) -> None:
+        self.starts.append(epoch)
+
+    def on_epoch_end(self, epoch, net, optimizer, history) -> None:
+        self.weights.append(copy.deepcopy(net.state_dict()))
+
+
+def same_weights(net: nn.Module, state: dict[str, torch.Tensor]) -> bool:
+    return all(torch.allclose(v, state[k]) for k, v in net.state_dict().items())
+
+
+# ----------------------------------------------------------------------------- the loop
+
+
+def test_loss_decreases_and_history_is_complete() -> None:
+    x, y = images()
+    data = loader(x, y, shuffle=True, seed=0)
+    history = fit(tiny_net(), data, loader(*images(seed=2)), epochs=6, lr=3e-3, seed=0, **QUIET)
+    assert len(history) == 6 and history.epoch == [1, 2, 3, 4, 5, 6]
+    assert history.train_loss[-1] < 0.8 * history.train_loss[0]
+    assert history.train_acc[-1] > 0.7 and 0 <= history.val_acc[-1] <= 1
+    assert history.val_mae == [None] * 6 and all(s > 0 for s in history.images_per_second)
+    assert history.best_epoch == 1 + min(range(6), key=history.val_loss.__getitem__)
+    d = history.to_dict()
+    assert d["train_loss"] == history.train_loss and History.from_dict(d) == history
+
+
+def test_fit_equals_a_hand_written_loop() -> None:
+    """Golden reference: fit with SGD takes exactly the steps of the chapter-1 loop."""
+    x, y = images()
+    hand = tiny_net()
+    optimizer = sgd(hand)
+    set_seed(0)
+    data = loader(x, y, shuffle=True)  # shuffled by the global torch RNG that set_seed seeded
+    for _ in range(3):
+        hand.train()
+        for xb, yb in data:
+            loss = nn.functional.cross_entropy(hand(xb), yb)
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+
+    net = tiny_net()
+    history = fit(net, loader(x, y, shuffle=True), epochs=3, optimizer=sgd(net), seed=0, amp=False,
+                  channels_last=False, **QUIET)
+    assert len(history) == 3
+    for (name, a), b in zip(net.state_dict().items(), hand.state_dict().values()):
+        assert torch.allclose(a, b, atol=1e-6), name
+
+
+def test_same_seed_same_history() -> None:
+    def run() -> tuple[History, Net]:
+        set_seed(3)
+        net = tiny_net(seed=5, dropout=0.3)
+        x, y = images()
+        history = fit(net, loader(x, y, shuffle=True), loader(*images(seed=2)), epochs=2, seed=7, **QUIET)
+        return history, net
+
+    (h1, n1), (h2, n2) = run(), run()
+    assert h1.train_loss == h2.train_loss and h1.val_loss == h2.val_loss and h1.val_acc == h2.val_acc
+    assert same_weights(n1, n2.state_dict())
+
+
+def test_regression_records_mae_with_float_targets() -> None:
+    x, _ = images()
+    target = x[:, 0].mean((1, 2)) * 3  # shape (N,), the net outputs (N, 1)
+    data = loader(x, target, shuffle=True, seed=0)
+    history = fit(tiny_net(1), data, data, epochs=5, lr=1e-2, task="regression", monitor="val_mae", seed=0, **QUIET)
+    assert history.val_acc == [None] * 5 and history.train_acc == [None] * 5
+    assert history.val_mae[-1] < history.val_mae[0]
+    assert history.best_value == min(history.val_mae)
+
+
+def test_scheduler_by_name_is_stepped_per_batch() -> None:
+    x, y = images(32)
+    net = tiny_net()
+    history = fit(net, loader(x, y), epochs=3, optimizer=sgd(net), scheduler="cosine", **QUIET)
+    assert history.lr[0] == pytest.approx(0.1)
+    assert history.lr[0] > history.lr[1] > history.lr[2] > 0
+
+
+def test_callbacks_see_every_epoch_from_zero() -> None:
+    snaps = Snapshots()
+    x, y = images(16)
+    fit(tiny_net(), loader(x, y), epochs=3, callbacks=[snaps], **QUIET)
+    assert snaps.starts == [0, 1, 2] and len(snaps.weights) == 3
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({"epochs": 0}, "epochs must be an int >= 1, got 0"),
+        ({"epochs": 2.5}, "epochs must be an int >= 1, got 2.5"),
+        ({"lr": -1.0}, "lr must be a positive finite number"),
+        ({"lr": math.nan}, "lr must be a positive finite number"),
+        ({"task": "segmentation"}, "task='segmentation' is not one of"),
+        ({"monitor": "val_f1"}, "monitor='val_f1' is not one of"),
+        ({"task": "regression", "monitor": "val_acc"}, "monitor='val_acc' does not exist for task='regression'"),
+        ({"early_stopping": 0}, "patience must be None or an int >= 1"),
+        ({"val": None, "early_stopping": 2}, "early_stopping=2 needs a val_loader"),
+        ({"train": loader(torch.zeros(0, 3, 8, 8), torch.zeros(0).long())}, "train_loader is empty"),
+        ({"callbacks": [GradualUnfreezing]}, "write GradualUnfreezing()"),
+    ],
+)
+def test_bad_arguments_fail_before_training(kwargs: dict, message: str) -> None:
+    x, y = images(8)
+    kwargs = {"epochs": 1, **kwargs}
+    train = kwargs.pop("train", loader(x, y))
+    val = kwargs.pop("val", loader(x, y))
+    net = tiny_net()
+    before = copy.deepcopy(net.state_dict())
+    with pytest.raises((ValueError, TypeError), match=message.replace("(", r"\(").replace(")", r"\)")):
+        fit(net, train, val, **kwargs, **QUIET)
+    assert same_weights(net, before)
+
+
+# ----------------------------------------------------------------------------- best weights and faults
+
+
+def test_early_stopping_stops_and_restores_the_best_weights() -> None:
+    x, y = images()
+    # Validation labels are flipped: the better the net learns, the worse its validation loss.
+    snaps = Snapshots()
+    net = tiny_net()
+    history = fit(net, loader(x, y), loader(x, 1 - y), epochs=20, lr=3e-3, early_stopping=2, callbacks=[snaps],
+                  seed=0, **QUIET)
+    assert history.stopped_early and len(history) < 20
+    assert history.best_epoch == 1 + min(range(len(history)), key=history.val_loss.__getitem__)
+    assert len(history) == history.best_epoch + 2
+    assert "did not improve for 2 epochs" in history.stop_reason
+    assert same_weights(net, snaps.weights[history.best_epoch - 1])
+    assert not same_weights(net, snaps.weights[-1])
+
+
+def test_early_stopping_tracker_modes() -> None:
+    stopper = EarlyStopping(patience=1, mode="max")
+    assert stopper.update(0.5, epoch=1) and not stopper.update(0.5, epoch=2)  # a tie is no improvement
+    assert stopper.should_stop and stopper.best_epoch == 1
+    assert not EarlyStopping(None).should_stop
+
+
+class FailAt(nn.Module):
+    """A loss function that returns NaN, or raises KeyboardInterrupt, at one (epoch, step)."""
+
+    def __init__(self, epoch: int, step: int, steps_per_epoch: int, *, fault: str) -> None:
+        super().__init__()
+        self.at, self.calls, self.fault = (epoch - 1) * steps_per_epoch + step, 0, fault
+
+    def forward(self, out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        loss = nn.functional.cross_entropy(out, y)
+        if torch.is_grad_enabled():  # count training steps only, not validation batches
+            self.calls += 1
+            if self.calls == self.at:
+                if self.fault == "interrupt":
+                    raise KeyboardInterrupt
+                return loss * math.nan
+        return loss
+
+
+def test_non_finite_loss_stops_with_a_reason_and_keeps_the_best_weights() -> None:
+    x, y = images(32)  # 4 steps per epoch
+    snaps = Snapshots()
+    net = tiny_net()
+    with pytest.warns(RuntimeWarning, match="non-finite loss at epoch 2 step 3"):
+        history = fit(net, loader(x, y), loader(x, y), epochs=4, lr=1e-2, loss_fn=FailAt(2, 3, 4, fault="nan"),
+                      callbacks=[snaps], **QUIET)
+    assert history.stop_reason == "non-finite loss at epoch 2 step 3"
+    assert len(history) == 1 and not history.interrupted and not history.stopped_early
+    assert all(torch.isfinite(v).all() for v in net.state_dict().values())
+    assert same_weights(net, snaps.weights[0])
+
+
+def test_non_finite_loss_in_the_first_epoch_returns_to_the_initial_weights() -> None:
+    x, y = images(16)
+    net = tiny_net()
+    initial = copy.deepcopy(net.state_dict())
+    with pytest.warns(RuntimeWarning, match="epoch 1 step 2"):
+        history = fit(net, loader(x, y), epochs=2, loss_fn=FailAt(1, 2, 2, fault="nan"), **QUIET)
+    assert len(history) == 0 and same_weights(net, initial)
+
+
+def test_keyboard_interrupt_returns_the_history_and_the_best_weights(capsys) -> None:
+    x, y = images(32)
+    snaps = Snapshots()
+    net = tiny_net()
+    history = fit(net, loader(x, y), loader(x, y), epochs=5, loss_fn=FailAt(3, 2, 4, fault="interrupt"),
+                  callbacks=[snaps], **QUIET)
+    assert history.interrupted and len(history) == 2
+    assert history.stop_reason == "interrupted (KeyboardInterrupt) during epoch 3"
+    assert same_weights(net, snaps.weights[history.best_epoch - 1])
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert len(lines) == 1 and "interrupted" in lines[0] and "best weights restored" in lines[0]
+
+
+# ----------------------------------------------------------------------------- checkpoints
+
+
+def test_checkpoint_round_trip(tmp_path) -> None:
+    net = tiny_net()
+    optimizer = sgd(net)
+    history = History(epoch=[1], train_loss=[0.5])
+    path = save_checkpoint(tmp_path / "sub" / "run.pt", net=net, optimizer=optimizer, history=history, epoch=1,
+                           extra={"classes": ["ants", "bees"]})
+    other = tiny_net(seed=9)
+    data = load_checkpoint(path, other, optimizer=sgd(other))
+    assert same_weights(other, net.state_dict())
+    assert data["epoch"] == 1 and data["extra"]["classes"] == ["ants", "bees"]
+    assert History.from_dict(data["history"]) == history
+    assert [p.name for p in path.parent.iterdir()] == ["run.pt"]
+
+
+def test_a_failed_save_leaves_no_partial_file(tmp_path, monkeypatch) -> None:
+    path = save_checkpoint(tmp_path / "run.pt", net=tiny_net(), epoch=1)
+    before = path.read_bytes()
+
+    def broken_save(obj, f, *args, **kwargs):
+        f.write(b"PK\x03\x04 half a zip")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(torch, "save", broken_save)
+    with pytest.raises(OSError, match="disk full"):
+        save_checkpoint(path, net=tiny_net(seed=3), epoch=2)
+    assert path.read_bytes() == before
+    assert [p.name for p in tmp_path.iterdir()] == ["run.pt"]
+
+
+def test_bad_checkpoint_files_raise_one_clear_error(tmp_path) -> None:
+    net = tiny_net()
+    good = save_checkpoint(tmp_path / "good.pt", net=net)
+
+    truncated = tmp_path / "truncated.pt"
+    truncated.write_bytes(good.read_bytes()[: good.stat().st_size // 2])
+    with pytest.raises(CheckpointError, match=r"truncated\.pt: cannot read it.*truncated") as info:
+        load_checkpoint(truncated, net)
+    assert info.value.__cause__ is None and info.value.__suppress_context__
+
+    noise = tmp_path / "noise.pt"
+    noise.write_bytes(b"this is not a checkpoint at all")
+    with pytest.raises(CheckpointError, match="noise.pt: cannot read it as a PyTorch checkpoint"):
+        load_checkpoint(noise, net)
+
+    other = tmp_path / "other.pt"
+    torch.save({"hello": "world"}, other)
+    with pytest.raises(CheckpointError, match="other.pt: not a d2lft checkpoint"):
+        load_checkpoint(other, net)
+
+    with pytest.raises(CheckpointError, match="missing.pt: no such checkpoint file"):
+        load_checkpoint(tmp_path / "missing.pt", net)
+
+
+def test_a_checkpoint_of_another_model_lists_what_differs(tmp_path) -> None:
+    path = save_checkpoint(tmp_path / "run.pt", net=tiny_net(5))
+    with pytest.raises(CheckpointError) as info:
+        load_checkpoint(path, tiny_net(2))
+    text = str(info.value)
+    assert "run.pt" in text and "saved from Net 'tiny' with 5 outputs" in text
+    assert "head.1.weight: checkpoint (5, 8) vs model (2, 8)" in text
+    assert "ft.create_model('tiny', num_classes=5)" in text
+
+    with pytest.raises(CheckpointError, match=r"missing keys \(2\): 0.weight, 0.bias"):
+        load_checkpoint(path, nn.Sequential(nn.Linear(8, 5)))
+
+
+def test_a_plain_state_dict_loads(tmp_path) -> None:
+    net = tiny_net()
+    torch.save(net.state_dict(), tmp_path / "weights.pt")
+    other = tiny_net(seed=4)
+    load_checkpoint(tmp_path / "weights.pt", other)
+    assert same_weights(other, net.state_dict())
+
+
+def test_fit_checkpoints_last_and_best_weights(tmp_path) -> None:
+    x, y = images()
+    snaps = Snapshots()
+    net = tiny_net()
+    history = fit(net, loader(x, y), loader(x, 1 - y), epochs=3, lr=3e-3, checkpoint=tmp_path / "run.pt",
+                  callbacks=[snaps], **QUIET)
+    assert history.best_epoch == 1
+    last, best = tiny_net(seed=8), tiny_net(seed=8)
+    data = load_checkpoint(tmp_path / "run.pt", last)
+    load_checkpoint(tmp_path / "run.pt", best, best=True)
+    assert data["epoch"] == 3 and same_weights(last, snaps.weights[2]) and same_weights(best, snaps.weights[0])
+
+
+class InterruptAt:
+    """Callback: Ctrl-C at the start of one epoch."""
+
+    def __init__(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def on_epoch_start(self, epoch, net, optimizer) -> None:
+        if epoch == self.epoch:
+            raise KeyboardInterrupt
+
+
+def test_resume_continues_the_run_exactly(tmp_path) -> None:
+    x, y = images()
+    val = loader(*images(seed=2))
+
+    def run(*, extra=(), resume=None, checkpoint=None) -> tuple[History, Net, GradualUnfreezing]:
+        net = tiny_net(dropout=0.2)
+        unfreezing = GradualUnfreezing(every=1)
+        history = fit(net, loader(x, y, shuffle=True, seed=0), val, epochs=4, lr=3e-3, weight_decay=1e-2,
+                      scheduler="cosine", callbacks=[unfreezing, *extra], checkpoint=checkpoint, resume=resume,
+                      seed=0, **QUIET)
+        return history, net, unfreezing
+
+    whole, whole_net, _ = run()
+    first, _, _ = run(extra=[InterruptAt(2)], checkpoint=tmp_path / "run.pt")
+    assert first.interrupted and len(first) == 2
+    resumed, resumed_net, unfreezing = run(resume=tmp_path / "run.pt")
+    assert len(resumed) == 4 and unfreezing.unfrozen_ == 2
+    assert resumed.train_loss == pytest.approx(whole.train_loss, rel=1e-5)
+    assert resumed.val_loss == pytest.approx(whole.val_loss, rel=1e-5)
+    assert resumed.lr == pytest.approx(whole.lr)
+    for (name, a), b in zip(resumed_net.state_dict().items(), whole_net.state_dict().values()):
+        assert torch.allclose(a.float(), b.float(), atol=1e-5), name
+
+
+def test_resume_with_other_callbacks_is_refused(tmp_path) -> None:
+    x, y = images(16)
+    fit(tiny_net(), loader(x, y), epochs=1, callbacks=[GradualUnfreezing()], checkpoint=tmp_path / "run.pt", **QUIET)
+
+    class Stateful:
+        def on_epoch_end(self, *args):
+            pass
+
+        def state_dict(self):
+            return {}
+
+        def load_state_dict(self, state):
+            pass
+
+    with pytest.raises(CheckpointError, match=r"callbacks \['GradualUnfreezing'\], but got \['Stateful'\]"):
+        fit(tiny_net(), loader(x, y), epochs=2, callbacks=[Stateful()], resume=tmp_path / "run.pt", **QUIET)
+
+
+# ----------------------------------------------------------------------------- evaluate, predict, device
+
+
+def test_evaluate_and_predict_keep_the_layer_modes() -> None:
+    net = tiny_net()
+    net.train()
+    net.backbone.stem[1].eval()  # e.g. a frozen BatchNorm set_train_mode left in eval
+    modes = [m.training for m in net.modules()]
+    x, y = images(10)
+    data = loader(x, y, batch_size=4)
+    metrics = evaluate(net, data)
+    assert set(metrics) == {"loss", "acc", "count"} and metrics["count"] == 10
+    probs, targets = predict(net, data)
+    assert probs.shape == (10, 2) and torch.allclose(probs.sum(1), torch.ones(10)) and torch.equal(targets, y)
+    assert [m.training for m in net.modules()] == modes
+    net.eval()
+    expected = nn.functional.cross_entropy(net(x), y).item()
+    assert metrics["loss"] == pytest.approx(expected, rel=1e-5)
+
+
+def test_get_device_never_returns_none() -> None:
+    device = get_device()
+    assert isinstance(device, torch.device)
+    if not torch.cuda.is_available():
+        assert device.type in ("cpu", "mps")
