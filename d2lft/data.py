@@ -13,6 +13,8 @@ classic ``torchvision.datasets.ImageFolder`` pipeline with the same transforms.
 """
 from __future__ import annotations
 
+import copy
+
 import csv
 import os
 import shutil
@@ -149,7 +151,7 @@ def get_dataset(name: str, *, root: str | os.PathLike[str] | None = None, downlo
     info = DATASETS[name]
     root = Path(root).expanduser() if root is not None else env.data_dir()
     if info.url is None:
-        return synthetic.make_shapes(root)
+        return synthetic.make_shapes(_generated_root(root, info.folder))
     folder = root / info.folder
     if folder.exists():
         problem = _layout_problem(folder, info)
@@ -166,6 +168,22 @@ def get_dataset(name: str, *, root: str | os.PathLike[str] | None = None, downlo
             reason="not found, " + why,
         )
     return _download_and_extract(info, root)
+
+
+def _generated_root(root: Path, folder: str) -> Path:
+    """Where a generated dataset lives: `root`, unless it lacks the dataset and is read-only
+    (a shared photo folder, say); then the writable default data directory."""
+    if (root / folder / "manifest.json").exists() or _writable(root):
+        return root
+    fallback = env.data_dir(use_environment=False)
+    print(f"d2lft: {root} is read-only; generating {folder!r} in {fallback}")
+    return fallback
+
+
+def _writable(path: Path) -> bool:
+    while not path.exists():
+        path = path.parent
+    return os.access(path, os.W_OK)
 
 
 def course_dataset(
@@ -376,6 +394,29 @@ class ImageFolderData:
     val_dataset: Dataset
     target: str = "class"
     cache: bool = field(default=True)
+
+    def loader(self, split: str = "train", *, augment: bool = False, batch_size: int | None = None) -> DataLoader:
+        """A fresh, unshuffled DataLoader over `split`; ``augment=False`` uses the evaluation transform.
+
+        Feature caching and evaluation on the training images need the train split *without*
+        augmentation. The dataset is shared (cached images are not copied).
+
+        >>> import tempfile
+        >>> from d2lft.synthetic import make_shapes
+        >>> data = image_folders(make_shapes(tempfile.mkdtemp(), train_per_class=2, val_per_class=1),
+        ...                      image_size=32, batch_size=4, progress=False)
+        >>> len(data.loader("train").dataset) == len(data.train_dataset)
+        True
+        """
+        if split not in ("train", "val"):
+            raise ValueError(f"split={split!r}: expected 'train' or 'val'")
+        source = self.train_dataset if split == "train" else self.val_dataset
+        dataset = copy.copy(source)  # shallow: same images, its own transform
+        dataset.transform = source.transform if augment else eval_transform(self.image_size, mean=self.mean,
+                                                                           std=self.std)
+        reference = self.train if split == "train" else self.val
+        return DataLoader(dataset, batch_size=batch_size or reference.batch_size, shuffle=False,
+                          num_workers=reference.num_workers, pin_memory=reference.pin_memory)
 
     @property
     def num_outputs(self) -> int:

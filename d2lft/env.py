@@ -12,13 +12,13 @@ __all__ = ["data_dir", "offline"]
 _REPO_ROOT = Path(__file__).resolve().parent.parent
 
 
-def data_dir() -> Path:
+def data_dir(*, use_environment: bool = True) -> Path:
     """Where datasets live: ``$D2LFT_DATA_DIR`` if set, else the repository's ``data/`` folder.
 
     >>> isinstance(data_dir(), Path)
     True
     """
-    value = os.environ.get("D2LFT_DATA_DIR")
+    value = os.environ.get("D2LFT_DATA_DIR") if use_environment else None
     if value:
         path = Path(value).expanduser()
         # Notebooks run in book/, tests in the repository root: a relative setting such as

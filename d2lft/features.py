@@ -19,6 +19,7 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 from tqdm.auto import tqdm
 
+from d2lft import distributed
 from d2lft.train import _batch, _module_modes, _net_device, _progress_disabled, _restore_modes
 
 __all__ = ["extract_features", "feature_loaders"]
@@ -51,12 +52,14 @@ def extract_features(
         raise TypeError(f"extract_features: expected a d2lft.Net (with forward_features), got {type(net).__name__}; "
                         "make one with d2lft.create_model")
     device = torch.device(device) if device is not None else _net_device(net)
+    loader = distributed.shard_eval_loader(loader)  # torchrun: each process computes its share ...
     modes = _module_modes(net)
     net.to(device).eval()
     features, targets = [], []
     total = len(loader) if hasattr(loader, "__len__") else None
+    disable = _progress_disabled(progress and distributed.is_main_process())  # torchrun: rank 0 shows progress
     try:
-        for batch in tqdm(loader, total=total, desc="features", unit="batch", disable=_progress_disabled(progress)):
+        for batch in tqdm(loader, total=total, desc="features", unit="batch", disable=disable):
             x, y = _batch(batch, device, channels_last=False)
             features.append(net.forward_features(x).float().cpu())
             if y is not None:
@@ -66,7 +69,8 @@ def extract_features(
     if not features:
         raise ValueError("extract_features: the loader yielded no batches; check its dataset (an empty folder?)")
     tensors = [torch.cat(features)] + ([torch.cat(targets)] if targets else [])
-    return TensorDataset(*tensors)
+    # ... and then every process gets all of them, in the loader's order.
+    return TensorDataset(*[distributed.gather_eval_shards(t) for t in tensors])
 
 
 def feature_loaders(

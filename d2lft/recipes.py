@@ -127,10 +127,11 @@ def fine_tune(
     one rate for all). The probe phase trains the head for `probe_epochs` on cached features,
     which takes seconds.
 
-    Example (d2l's hotdog recipe: SGD, 10x head, weight decay 0.001)::
+    Example::
 
-        history = ft.fine_tune(net, data, strategy="finetune", optimizer="sgd", lr=5e-5,
-                               head_lr_mult=10, weight_decay=1e-3, scheduler=None, epochs=5)
+        history = ft.fine_tune(net, data, strategy="lp-ft", epochs=3)
+
+    (d2l's hotdog recipe, plain SGD on a *summed* loss, is built by hand in chapter 1.)
     """
     if strategy not in STRATEGIES:
         raise ValueError(f"strategy={strategy!r}: expected one of {STRATEGIES}")
@@ -141,6 +142,8 @@ def fine_tune(
             f"the net's head has {net.num_outputs} outputs but the data needs {data.num_outputs} "
             f"({data.classes}); make it with ft.create_model(..., num_classes={data.num_outputs})"
         )
+    if scheduler == "warmup_cosine" and epochs < 2:
+        scheduler = "cosine"  # a one-epoch run has no room for a warm-up epoch
     net.to(device)
     if strategy in ("probe", "lp-ft"):
         probed = _probe(net, data, epochs=probe_epochs, lr=probe_lr, weight_decay=weight_decay, device=device,
@@ -178,15 +181,15 @@ def run_finetune(
     skipped, model, strategy (and the settings used).
     """
     from d2lft.data import image_folders
-    from d2lft.models import create_model
+    from d2lft.models import create_model, replace_head
     from d2lft.train import save_checkpoint, set_seed
 
     start = time.perf_counter()
     set_seed(seed)
-    probe = create_model(model, pretrained=strategy != "scratch")
-    data = image_folders(data_dir, image_size=image_size, batch_size=batch_size, mean=probe.mean, std=probe.std,
+    net = create_model(model, pretrained=strategy != "scratch")
+    data = image_folders(data_dir, image_size=image_size, batch_size=batch_size, mean=net.mean, std=net.std,
                          seed=seed, progress=progress)
-    net = create_model(model, num_classes=len(data.classes), pretrained=strategy != "scratch")
+    replace_head(net, len(data.classes))
     history = fine_tune(net, data, strategy=strategy, epochs=epochs, lr=lr, device=device, progress=progress,
                         seed=seed)
     seconds = time.perf_counter() - start

@@ -37,6 +37,7 @@ from torch import nn
 from torch.optim.lr_scheduler import LRScheduler, ReduceLROnPlateau
 from tqdm.auto import tqdm
 
+from d2lft import distributed
 from d2lft.freeze import set_train_mode
 from d2lft.net import Net
 
@@ -260,7 +261,8 @@ def save_checkpoint(
     complete, so an interrupted save never leaves a half-written checkpoint. It holds the random
     number generator states (Python, NumPy, torch, CUDA and `generators`), the state of each
     callback that has ``state_dict()``, and `extra` (plain data, e.g. class names). `epoch` is the
-    number of epochs done. Read it back with `load_checkpoint` (``weights_only=True``).
+    number of epochs done. Read it back with `load_checkpoint` (``weights_only=True``). Under
+    torchrun only the main process writes (all processes hold the same weights).
 
     >>> import tempfile
     >>> path = Path(tempfile.mkdtemp()) / "run.pt"
@@ -268,6 +270,8 @@ def save_checkpoint(
     'run.pt'
     """
     path = Path(path)
+    if not distributed.is_main_process():
+        return path
     stateful = [cb for cb in callbacks if hasattr(cb, "state_dict")]
     payload = {
         "format": CHECKPOINT_FORMAT,
@@ -439,6 +443,7 @@ def _net_device(net: nn.Module) -> torch.device:
 def _eval_sums(net: nn.Module, loader: Iterable, *, device: torch.device, task: str, loss_fn: nn.Module,
                amp_dtype: torch.dtype | None = None, channels_last: bool = False) -> dict[str, float]:
     """Loss, accuracy or MAE over `loader`, summed on the device and read once."""
+    loader = distributed.shard_eval_loader(loader)  # torchrun: each process evaluates its share, no duplicates
     loss_sum = torch.zeros((), device=device)
     hits = torch.zeros((), device=device)
     count = 0
@@ -451,11 +456,13 @@ def _eval_sums(net: nn.Module, loader: Iterable, *, device: torch.device, task: 
         loss_sum += loss.float() * len(y)
         hits += (out.argmax(1) == y).sum() if task == "classification" else (out.float() - y).abs().sum()
         count += len(y)
+    # torchrun: add up the sums and counts of all processes, so every one reports the whole set's metrics.
+    sums = torch.stack([loss_sum, hits, torch.tensor(float(count), device=device)])
+    loss_total, hit_total, count = distributed.all_reduce_sum(sums).tolist()  # the only host sync
     if count == 0:
         raise ValueError("evaluate: the loader yielded no batches; check the dataset (is the folder empty?)")
-    values = torch.stack([loss_sum, hits]).tolist()  # the only host sync
     metric = "acc" if task == "classification" else "mae"
-    return {"loss": values[0] / count, metric: values[1] / count, "count": count}
+    return {"loss": loss_total / count, metric: hit_total / count, "count": int(count)}
 
 
 def _default_loss(task: str) -> nn.Module:
@@ -660,7 +667,7 @@ def _train_epoch(net, loader, *, optimizer, scheduler, loss_fn, task, device, am
         hits.append((out.argmax(1) == y).sum() if task == "classification" else (out.detach().float() - y).abs().sum())
         if time.perf_counter() > next_check:  # about once a second: show the loss, stop on NaN
             bad_step = _first_bad(losses, checked)
-            if bad_step is not None:
+            if bad_step is not None and not distributed.is_distributed():  # torchrun: all stop at the epoch's end
                 break
             if bar is not None:
                 bar.set_postfix(loss=f"{losses[-1].item():.4f}")
@@ -669,12 +676,17 @@ def _train_epoch(net, loader, *, optimizer, scheduler, loss_fn, task, device, am
             bar.update()
     if bad_step is None and losses:
         bad_step = _first_bad(losses, checked)
-    n = sum(sizes)
-    if not losses or bad_step is not None:
-        return _EpochResult(math.nan, math.nan, n, time.perf_counter() - start, bad_step)
     weights = torch.tensor(sizes, device=device, dtype=torch.float32)
-    loss_sum, hit_sum = torch.stack([(torch.stack(losses).float() * weights).sum(), torch.stack(hits).float().sum()]).tolist()
-    return _EpochResult(loss_sum / n, hit_sum / n, n, time.perf_counter() - start, None)
+    sums = torch.zeros(3, device=device)
+    if losses:
+        sums = torch.stack([(torch.stack(losses).float() * weights).sum(), torch.stack(hits).float().sum(), weights.sum()])
+    # torchrun: add up all processes' sums, so each records the whole epoch (a NaN anywhere stops them all).
+    loss_sum, hit_sum, n = distributed.all_reduce_sum(sums).tolist()
+    if bad_step is None and not math.isfinite(loss_sum):
+        bad_step = len(losses)  # another process saw the non-finite loss
+    if not losses or bad_step is not None:
+        return _EpochResult(math.nan, math.nan, int(n), time.perf_counter() - start, bad_step)
+    return _EpochResult(loss_sum / n, hit_sum / n, int(n), time.perf_counter() - start, None)
 
 
 def _first_bad(losses: list[torch.Tensor], start: int) -> int | None:
@@ -751,6 +763,8 @@ def fit(
                     weight_decay=weight_decay, scheduler=scheduler, task=task, monitor=monitor,
                     early_stopping=early_stopping, callbacks=callbacks, seed=seed)
     device = torch.device(device) if device is not None else get_device()
+    device = distributed.setup(device)  # torchrun: join the process group (once); one GPU per process
+    train_loader = distributed.shard_loader(train_loader, seed=seed or 0)  # torchrun: each process its share
     if seed is not None:
         set_seed(seed)
     amp_dtype = _amp_dtype(device, amp)
@@ -786,7 +800,7 @@ def fit(
                   f"nothing to train for epochs={epochs}")
             start = epochs
 
-    disable = _progress_disabled(progress)
+    disable = _progress_disabled(progress and distributed.is_main_process())  # torchrun: rank 0 shows progress
     epoch = start
     try:
         for epoch in range(start, epochs):
@@ -794,11 +808,15 @@ def fit(
                 if hasattr(cb, "on_epoch_start"):
                     cb.on_epoch_start(epoch, net, optimizer)
             set_train_mode(net, True)  # like net.train(), but frozen BatchNorm layers keep their statistics
+            # torchrun: DistributedDataParallel averages the gradients of the parameters that train when it is
+            # made (a callback may just have unfrozen some), so wrap each epoch; one process: model is net.
+            model = distributed.wrap(net, device)
+            distributed.set_epoch(train_loader, epoch)  # a new shuffle per epoch, the same on every process
             epoch_lr = float(optimizer.param_groups[0]["lr"])
             tic = time.perf_counter()
             with tqdm(total=len(train_loader) if hasattr(train_loader, "__len__") else None, disable=disable,
                       desc=f"epoch {epoch + 1}/{epochs}", unit="batch", dynamic_ncols=True) as bar:
-                train = _train_epoch(net, train_loader, optimizer=optimizer, scheduler=scheduler, loss_fn=loss_fn,
+                train = _train_epoch(model, train_loader, optimizer=optimizer, scheduler=scheduler, loss_fn=loss_fn,
                                      task=task, device=device, amp_dtype=amp_dtype, scaler=scaler,
                                      channels_last=channels_last, bar=None if bar.disable else bar)
                 if train.bad_step is not None:
@@ -835,7 +853,7 @@ def fit(
                 save_checkpoint(checkpoint, net=net, optimizer=optimizer, scheduler=scheduler, history=history,
                                 epoch=epoch + 1, callbacks=callbacks, early_stopping=tracker, generators=generators,
                                 best_model=None if improved else best_state)
-            if live_plot:
+            if live_plot and distributed.is_main_process():
                 _live_plot(history)
             if history.stopped_early:
                 break

@@ -5,13 +5,24 @@ import os
 from pathlib import Path
 
 import pytest
+import torch
 
+os.environ.setdefault("MPLBACKEND", "Agg")
 REPO = Path(__file__).resolve().parent.parent
 
 
 def _shared_data_dir() -> Path:
     value = os.environ.get("D2LFT_DATA_DIR")
     return Path(value).resolve() if value else REPO.parent / "shared" / "data"
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _one_thread_per_test_process():
+    """Tiny tensors train fastest on one thread; two threads fight on a busy 2-core machine."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
 
 
 @pytest.fixture(scope="session")
