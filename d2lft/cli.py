@@ -50,8 +50,8 @@ def _parser() -> argparse.ArgumentParser:
                     help=f"backbone (default {DEFAULTS['model']}; one of: {', '.join(list_models())})")
     ft.add_argument("--strategy", default=DEFAULTS["strategy"], choices=STRATEGIES,
                     help=f"default {DEFAULTS['strategy']}")
-    ft.add_argument("--epochs", type=_positive_int, default=DEFAULTS["epochs"],
-                    help=f"fine-tuning epochs (default {DEFAULTS['epochs']})")
+    ft.add_argument("--epochs", type=_positive_int, default=None,
+                    help="epochs (default: 30 for probe, whose epochs on cached features take milliseconds, else 3)")
     ft.add_argument("--image-size", type=_positive_int, default=DEFAULTS["image_size"],
                     help=f"default {DEFAULTS['image_size']}")
     ft.add_argument("--batch-size", type=_positive_int, default=DEFAULTS["batch_size"],
@@ -88,6 +88,7 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _finetune(args: argparse.Namespace) -> int:
+    from d2lft.distributed import is_main_process
     from d2lft.recipes import run_finetune
 
     report = run_finetune(
@@ -102,6 +103,8 @@ def _finetune(args: argparse.Namespace) -> int:
         device=args.device,
         checkpoint=args.checkpoint,
     )
+    if not is_main_process():  # under torchrun, rank 0 alone reports
+        return 0
     print(
         f"val_acc {report['val_acc']:.3f} (best {report['best_val_acc']:.3f}) after {report['epochs']} epochs, "
         f"{report['train_seconds']:.1f} s, {report['images_per_second']:.1f} images/s"

@@ -85,8 +85,12 @@ class Net(nn.Module):
         last = [m for m in self.head.modules() if isinstance(m, nn.Linear)][-1]
         return last.out_features
 
-    def transforms(self, *, image_size: int | None = None):
+    def transforms(self, *, image_size: int | None = None, crop_fraction: float = 0.875):
         """Evaluation preprocessing for these weights (works on PIL images and uint8 tensors).
+
+        The shorter side is resized to ``image_size / crop_fraction`` and the centre cropped:
+        0.875 (the ImageNet convention, used for training data) trims the borders; 1.0 keeps the
+        whole centre square.
 
         >>> backbone = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten())
         >>> Net(backbone, nn.Linear(3, 2), blocks=[], num_features=3, name="t").transforms(image_size=64)
@@ -95,10 +99,12 @@ class Net(nn.Module):
         from torchvision.transforms import v2
 
         size = image_size or self.image_size
+        if not 0 < crop_fraction <= 1:
+            raise ValueError(f"crop_fraction={crop_fraction!r}: expected a fraction in (0, 1]")
         return v2.Compose(
             [
                 v2.ToImage(),
-                v2.Resize(round(size * 8 / 7), antialias=True),
+                v2.Resize(round(size / crop_fraction), antialias=True),
                 v2.CenterCrop(size),
                 v2.ToDtype(torch.float32, scale=True),
                 v2.Normalize(self.mean, self.std),

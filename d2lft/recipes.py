@@ -29,13 +29,14 @@ __all__ = ["fine_tune", "run_finetune", "course_settings", "CourseSettings", "ST
 
 STRATEGIES = ("finetune", "probe", "lp-ft", "scratch")
 
-#: The command line's defaults, chosen by measurement on a 2-core CPU (see the README):
-#: a probe on cached 160 px features, then two epochs of full fine-tuning.
+#: The command line's defaults, chosen by measurement on a 2-core CPU (ants vs bees, 244 train
+#: images): a probe on cached 224 px features reached val acc 0.948 in 18 s of wall time, while
+#: lp-ft at 160 px (probe, then 2 epochs of all layers) reached 0.902 in 74 s.
 DEFAULTS = {
     "model": "efficientnet_lite0",
-    "strategy": "lp-ft",
-    "epochs": 2,
-    "image_size": 160,
+    "strategy": "probe",
+    "epochs": None,
+    "image_size": 224,
     "batch_size": 32,
     "lr": 5e-4,
 }
@@ -105,7 +106,7 @@ def fine_tune(
     data: ImageFolderData,
     *,
     strategy: str = "lp-ft",
-    epochs: int = 3,
+    epochs: int | None = None,
     lr: float = 5e-4,
     head_lr_mult: float = 10.0,
     weight_decay: float = 1e-4,
@@ -123,7 +124,8 @@ def fine_tune(
 ) -> History:
     """Fine-tune `net` on `data` with one of `STRATEGIES`; returns the `History` (both phases for lp-ft).
 
-    `lr` is the backbone's learning rate; the head gets ``lr * head_lr_mult`` (``scratch`` uses
+    `epochs` counts the probe's epochs for ``probe`` (default `probe_epochs`), else the epochs of
+    training all layers (default 3). `lr` is the backbone's learning rate; the head gets ``lr * head_lr_mult`` (``scratch`` uses
     one rate for all). The probe phase trains the head for `probe_epochs` on cached features,
     which takes seconds.
 
@@ -142,6 +144,9 @@ def fine_tune(
             f"the net's head has {net.num_outputs} outputs but the data needs {data.num_outputs} "
             f"({data.classes}); make it with ft.create_model(..., num_classes={data.num_outputs})"
         )
+    if strategy == "probe" and epochs is not None:
+        probe_epochs = epochs
+    epochs = 3 if epochs is None else epochs
     if scheduler == "warmup_cosine" and epochs < 2:
         scheduler = "cosine"  # a one-epoch run has no room for a warm-up epoch
     net.to(device)
@@ -166,7 +171,7 @@ def run_finetune(
     *,
     model: str = DEFAULTS["model"],
     strategy: str = DEFAULTS["strategy"],
-    epochs: int = DEFAULTS["epochs"],
+    epochs: int | None = DEFAULTS["epochs"],
     image_size: int = DEFAULTS["image_size"],
     batch_size: int = DEFAULTS["batch_size"],
     lr: float = DEFAULTS["lr"],
@@ -181,6 +186,7 @@ def run_finetune(
     skipped, model, strategy (and the settings used).
     """
     from d2lft.data import image_folders
+    from d2lft.distributed import is_main_process
     from d2lft.models import create_model, replace_head
     from d2lft.train import save_checkpoint, set_seed
 
@@ -188,7 +194,7 @@ def run_finetune(
     set_seed(seed)
     net = create_model(model, pretrained=strategy != "scratch")
     data = image_folders(data_dir, image_size=image_size, batch_size=batch_size, mean=net.mean, std=net.std,
-                         seed=seed, progress=progress)
+                         seed=seed, progress=progress and is_main_process())
     replace_head(net, len(data.classes))
     history = fine_tune(net, data, strategy=strategy, epochs=epochs, lr=lr, device=device, progress=progress,
                         seed=seed)

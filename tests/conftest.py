@@ -52,3 +52,10 @@ def make_image_folder(root: Path, classes=("a", "b"), per_class: int = 4, size: 
 def tiny_folder(tmp_path: Path) -> Path:
     """A two-class ImageFolder tree with 4 images per class and split."""
     return make_image_folder(tmp_path / "tiny")
+
+
+def pytest_collection_modifyitems(items) -> None:
+    """Mark every notebook cell item, so `pytest -m "not notebook"` runs the fast tests alone."""
+    for item in items:
+        if str(item.fspath).endswith(".ipynb"):
+            item.add_marker(pytest.mark.notebook)

@@ -1,0 +1,36 @@
+"""`d2lft bench` keeps working: a few real steps of each contender on the embedded dataset."""
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from d2lft.bench import TimedLoader, bench, format_report
+from d2lft.cli import main
+from d2lft.synthetic import make_shapes
+
+
+def test_timed_loader_counts_steps_between_batches():
+    timed = TimedLoader([([0, 0], [0, 0])] * 5, limit=4)
+    assert len(list(timed)) == 4
+    assert len(timed.step_seconds()) == 3
+    assert all(s >= 0 for s in timed.step_seconds())
+
+
+@pytest.mark.slow
+def test_bench_runs_all_contenders_and_reports_ratios(tmp_path):
+    root = make_shapes(tmp_path)
+    report = bench(model="efficientnet_lite0", image_size=32, batch_size=8, steps=3, warmup=1, device="cpu",
+                   data=root)
+    assert set(report["images_per_second"]) == {"plain", "fit_plain", "fit"}
+    assert all(v > 0 for v in report["images_per_second"].values())
+    assert set(report["ratio_vs_plain"]) == {"fit_plain", "fit"}
+    assert "plain" in format_report(report)
+
+
+def test_bench_cli_writes_json(tmp_path):
+    root = make_shapes(tmp_path)
+    out = tmp_path / "bench.json"
+    assert main(["bench", "--data", str(root), "--image-size", "32", "--batch-size", "8", "--steps", "2",
+                 "--warmup", "1", "--device", "cpu", "--json", str(out)]) == 0
+    assert json.loads(out.read_text())["images_per_second"]["fit"] > 0

@@ -1,0 +1,84 @@
+"""The command line as a newcomer uses it: exit codes, printed lines and the JSON report."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from matplotlib.cbook import get_sample_data
+
+from d2lft.cli import main
+
+
+def run_cli(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "d2lft", *args], capture_output=True, text=True, cwd=cwd,
+                          timeout=300)
+
+
+def test_predict_grace_hopper_prints_military_uniform_first():
+    photo = get_sample_data("grace_hopper.jpg", asfileobj=False)
+    result = run_cli("predict", str(photo), "--topk", "3")
+    assert result.returncode == 0, result.stderr
+    lines = [line.strip() for line in result.stdout.splitlines()]
+    assert lines[0] == str(photo)
+    assert lines[1].endswith("military uniform"), result.stdout
+    assert len(lines) == 4
+
+
+def test_missing_data_dir_is_one_clear_line_and_status_1(tmp_path, capsys):
+    missing = tmp_path / "nowhere"
+    assert main(["finetune", str(missing)]) == 1
+    err = capsys.readouterr().err
+    assert str(missing) in err and err.count("\n") == 1 and "Traceback" not in err
+
+
+def test_bad_settings_are_usage_errors(tmp_path):
+    for args in (["--epochs", "0"], ["--batch-size", "-1"], ["--lr", "0"], ["--lr", "nan"], ["--strategy", "magic"],
+                 ["--model", "nonet"]):
+        result = run_cli("finetune", str(tmp_path), *args)
+        assert result.returncode == 2, (args, result.stderr)
+        assert "Traceback" not in result.stderr
+
+
+def test_predict_bad_image_names_the_file(tmp_path, capsys):
+    bad = tmp_path / "broken.jpg"
+    bad.write_bytes(b"not a jpeg")
+    assert main(["predict", str(bad)]) == 1
+    assert "broken.jpg" in capsys.readouterr().err
+
+
+def test_data_list_names_the_registry(capsys):
+    assert main(["data", "list"]) == 0
+    out = capsys.readouterr().out
+    assert {"hotdog", "hymenoptera", "shapes"} <= {line.split()[0] for line in out.splitlines()}
+
+
+def test_data_download_unknown_name_fails_clearly(capsys):
+    assert main(["data", "download", "imagenet"]) == 1
+    assert "unknown dataset 'imagenet'" in capsys.readouterr().err
+
+
+@pytest.mark.photos
+@pytest.mark.slow
+def test_finetune_defaults_on_real_photos_write_the_json(hymenoptera_root, tmp_path):
+    out = tmp_path / "out.json"
+    result = run_cli("finetune", str(hymenoptera_root), "--json", str(out))
+    assert result.returncode == 0, result.stderr
+    report = json.loads(out.read_text())
+    assert {"val_acc", "best_val_acc", "epochs", "train_seconds", "images_per_second", "skipped", "model",
+            "strategy"} <= set(report)
+    assert report["val_acc"] > 0.85  # chance is 0.54 (83 ants, 70 bees in val)
+    assert report["skipped"] == [str(hymenoptera_root / "train" / "ants" / "imageNotFound.gif")]
+    assert "val_acc" in result.stdout
+
+
+def test_finetune_on_tiny_folder_every_strategy(tiny_folder, tmp_path):
+    for strategy in ("probe", "finetune", "lp-ft"):
+        out = tmp_path / f"{strategy}.json"
+        code = main(["finetune", str(tiny_folder), "--strategy", strategy, "--epochs", "1", "--image-size", "32",
+                     "--batch-size", "4", "--json", str(out)])
+        assert code == 0
+        report = json.loads(out.read_text())
+        assert report["strategy"] == strategy and 0.0 <= report["val_acc"] <= 1.0
