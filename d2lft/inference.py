@@ -15,12 +15,13 @@ __all__ = ["classify"]
 
 @torch.no_grad()
 def classify(
-    net: Net, images: Sequence[str | Path | Image.Image], *, topk: int = 5
+    net: Net, images: Sequence[str | Path | Image.Image], *, topk: int = 5, crop_fraction: float = 1.0
 ) -> list[list[tuple[str, float]]]:
     """Top-``topk`` ``(class name, probability)`` pairs for each image, with the net's own preprocessing.
 
-    The model sees the whole centre square of each photo (``crop_fraction=1.0``): a photo given
-    for prediction is framed by a person, so its borders are kept rather than trimmed.
+    By default the model sees the whole centre square of each photo (``crop_fraction=1.0``): a
+    photo given for prediction is framed by a person, so its borders are kept; 0.875 is the
+    standard evaluation crop (see `Net.transforms`).
 
     >>> from matplotlib.cbook import get_sample_data
     >>> from d2lft.models import create_model
@@ -33,7 +34,7 @@ def classify(
     if not images:
         raise ValueError("classify: no images given")
     topk = min(topk, len(net.categories))
-    preprocess = net.transforms(crop_fraction=1.0)
+    preprocess = net.transforms(crop_fraction=crop_fraction)
     batch = torch.stack([preprocess(img if isinstance(img, Image.Image) else load_image(img)) for img in images])
     device = next(net.parameters()).device
     was_training = net.training
