@@ -94,7 +94,7 @@ def _plain_loader(root: Path, *, image_size: int, batch_size: int, mean, std) ->
 def bench(
     *,
     model: str = "efficientnet_lite0",
-    image_size: int = 160,
+    image_size: int = 224,
     batch_size: int = 32,
     steps: int = 10,
     warmup: int = 2,

@@ -76,14 +76,15 @@ def _parser() -> argparse.ArgumentParser:
     dl.add_argument("--root", type=Path, default=None, help="data directory (default $D2LFT_DATA_DIR or ./data)")
 
     bench = sub.add_parser("bench", help="images/s of a plain PyTorch loop vs d2lft.fit, side by side")
-    bench.add_argument("--model", default="efficientnet_lite0", choices=list_models(), metavar="NAME")
-    bench.add_argument("--image-size", type=_positive_int, default=160)
-    bench.add_argument("--batch-size", type=_positive_int, default=32)
-    bench.add_argument("--steps", type=_positive_int, default=10, help="timed steps per contender")
-    bench.add_argument("--warmup", type=int, default=2, help="untimed steps first")
-    bench.add_argument("--device", default=None)
+    bench.add_argument("--model", default="efficientnet_lite0", choices=list_models(), metavar="NAME",
+                       help="backbone (default efficientnet_lite0)")
+    bench.add_argument("--image-size", type=_positive_int, default=224, help="default 224")
+    bench.add_argument("--batch-size", type=_positive_int, default=32, help="default 32")
+    bench.add_argument("--steps", type=_positive_int, default=10, help="timed steps per contender (default 10)")
+    bench.add_argument("--warmup", type=int, default=2, help="untimed steps first (default 2)")
+    bench.add_argument("--device", default=None, help="cpu, cuda or mps (default: the best available)")
     bench.add_argument("--data", type=Path, default=None, help="image folder to read (default: the course dataset)")
-    bench.add_argument("--json", type=Path, default=None)
+    bench.add_argument("--json", type=Path, default=None, help="write the figures here")
     return parser
 
 

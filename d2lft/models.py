@@ -20,7 +20,7 @@ from torchvision import models as tvm
 
 from d2lft.efficientnet_lite import LITE0_IMAGE_SIZE, LITE0_MEAN, LITE0_STD, efficientnet_lite0
 from d2lft.env import offline
-from d2lft.net import IMAGENET_MEAN, IMAGENET_STD, Net
+from d2lft.net import Net
 
 __all__ = ["WeightsUnavailableError", "create_model", "replace_head", "summary", "list_models", "TASKS"]
 

@@ -439,6 +439,22 @@ def _net_device(net: nn.Module) -> torch.device:
     return p.device if p is not None else get_device()
 
 
+def _forward(net: nn.Module, batch, *, device: torch.device, task: str, loss_fn: nn.Module,
+             amp_dtype: torch.dtype | None, channels_last: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Outputs, targets (shaped for the loss) and loss of one batch: the step a training loop repeats."""
+    x, y = _batch(batch, device, channels_last=channels_last)
+    with _autocast(device, amp_dtype):
+        out = net(x)
+        y = _target(y, out, task)
+        loss = loss_fn(out, y)
+    return out, y, loss
+
+
+def _hits(out: torch.Tensor, y: torch.Tensor, task: str) -> torch.Tensor:
+    """Correct predictions (classification) or the summed absolute error (regression), on the device."""
+    return (out.argmax(1) == y).sum() if task == "classification" else (out.detach().float() - y).abs().sum()
+
+
 @torch.no_grad()
 def _eval_sums(net: nn.Module, loader: Iterable, *, device: torch.device, task: str, loss_fn: nn.Module,
                amp_dtype: torch.dtype | None = None, channels_last: bool = False) -> dict[str, float]:
@@ -448,13 +464,10 @@ def _eval_sums(net: nn.Module, loader: Iterable, *, device: torch.device, task: 
     hits = torch.zeros((), device=device)
     count = 0
     for batch in loader:
-        x, y = _batch(batch, device, channels_last=channels_last)
-        with _autocast(device, amp_dtype):
-            out = net(x)
-            y = _target(y, out, task)
-            loss = loss_fn(out, y)
+        out, y, loss = _forward(net, batch, device=device, task=task, loss_fn=loss_fn, amp_dtype=amp_dtype,
+                                channels_last=channels_last)
         loss_sum += loss.float() * len(y)
-        hits += (out.argmax(1) == y).sum() if task == "classification" else (out.float() - y).abs().sum()
+        hits += _hits(out, y, task)
         count += len(y)
     # torchrun: add up the sums and counts of all processes, so every one reports the whole set's metrics.
     sums = torch.stack([loss_sum, hits, torch.tensor(float(count), device=device)])
@@ -647,11 +660,8 @@ def _train_epoch(net, loader, *, optimizer, scheduler, loss_fn, task, device, am
     hits: list[torch.Tensor] = []
     checked, next_check, bad_step = 0, start + _CHECK_SECONDS, None
     for batch in loader:
-        x, y = _batch(batch, device, channels_last=channels_last)
-        with _autocast(device, amp_dtype):
-            out = net(x)
-            y = _target(y, out, task)
-            loss = loss_fn(out, y)
+        out, y, loss = _forward(net, batch, device=device, task=task, loss_fn=loss_fn, amp_dtype=amp_dtype,
+                                channels_last=channels_last)
         optimizer.zero_grad()
         if scaler is not None:  # fp16 only: scale the loss so small gradients do not underflow
             scaler.scale(loss).backward()
@@ -664,7 +674,7 @@ def _train_epoch(net, loader, *, optimizer, scheduler, loss_fn, task, device, am
             scheduler.step()
         losses.append(loss.detach())
         sizes.append(len(y))
-        hits.append((out.argmax(1) == y).sum() if task == "classification" else (out.detach().float() - y).abs().sum())
+        hits.append(_hits(out, y, task))
         if time.perf_counter() > next_check:  # about once a second: show the loss, stop on NaN
             bad_step = _first_bad(losses, checked)
             if bad_step is not None and not distributed.is_distributed():  # torchrun: all stop at the epoch's end

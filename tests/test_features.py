@@ -14,15 +14,6 @@ from d2lft.net import Net
 from d2lft.train import fit
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny tensors train fastest on one thread; several threads on a shared CPU spin-wait (measured 60x)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def tiny_net(seed: int = 0) -> Net:
     torch.manual_seed(seed)
     backbone = nn.Sequential()

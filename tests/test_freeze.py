@@ -1,8 +1,6 @@
 """Tests for d2lft.freeze on tiny real conv nets (fast, CPU)."""
 from __future__ import annotations
 
-from collections import OrderedDict
-
 import pytest
 import torch
 from torch import nn
@@ -16,27 +14,8 @@ from d2lft.freeze import (
     trainable_blocks,
     unfreeze,
 )
-from d2lft.net import Net
 from d2lft.optim import param_groups
-
-
-def conv_bn_relu(cin: int, cout: int) -> nn.Sequential:
-    return nn.Sequential(nn.Conv2d(cin, cout, 3, padding=1, bias=False), nn.BatchNorm2d(cout), nn.ReLU())
-
-
-def tiny_net(num_classes: int = 3) -> Net:
-    torch.manual_seed(0)
-    backbone = nn.Sequential(
-        OrderedDict(
-            stem=conv_bn_relu(3, 4),
-            stage1=conv_bn_relu(4, 8),
-            stage2=conv_bn_relu(8, 8),
-            pool=nn.AdaptiveAvgPool2d(1),
-            flatten=nn.Flatten(),
-        )
-    )
-    return Net(backbone, nn.Linear(8, num_classes), blocks=["stem", "stage1", "stage2"], num_features=8, name="tiny")
-
+from nets import staged_net as tiny_net
 
 BLOCKS = ["backbone.stem", "backbone.stage1", "backbone.stage2"]
 

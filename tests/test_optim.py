@@ -13,24 +13,11 @@ from torch.utils.data import DataLoader, TensorDataset
 from d2lft.freeze import freeze, train_last, unfreeze
 from d2lft.net import Net
 from d2lft.optim import SCHEDULERS, lr_find, make_scheduler, param_groups, schedule_curve, suggest_lr
-
-
-def conv_bn_relu(cin: int, cout: int) -> nn.Sequential:
-    return nn.Sequential(nn.Conv2d(cin, cout, 3, padding=1), nn.BatchNorm2d(cout), nn.ReLU())
+from nets import staged_net
 
 
 def tiny_net(num_classes: int = 3) -> Net:
-    torch.manual_seed(0)
-    backbone = nn.Sequential(
-        OrderedDict(
-            stem=conv_bn_relu(3, 4),
-            stage1=conv_bn_relu(4, 8),
-            stage2=conv_bn_relu(8, 8),
-            pool=nn.AdaptiveAvgPool2d(1),
-            flatten=nn.Flatten(),
-        )
-    )
-    return Net(backbone, nn.Linear(8, num_classes), blocks=["stem", "stage1", "stage2"], num_features=8, name="tiny")
+    return staged_net(num_classes, conv_bias=True)
 
 
 def ids(params) -> set[int]:

@@ -27,15 +27,6 @@ from d2lft.train import (
 QUIET = {"progress": False, "device": "cpu"}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny tensors train fastest on one thread; several threads on a shared CPU spin-wait (measured 60x)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def tiny_net(num_outputs: int = 2, *, seed: int = 0, dropout: float = 0.0) -> Net:
     torch.manual_seed(seed)
     backbone = nn.Sequential()
