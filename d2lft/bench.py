@@ -66,11 +66,12 @@ def plain_loop(net: nn.Module, loader, *, device: torch.device, lr: float = 1e-3
         torch.cuda.synchronize()
 
 
-def _images_per_second(timed: TimedLoader, warmup: int) -> float:
-    steps = timed.step_seconds()[max(warmup - 1, 0):]
+def _images_per_second(timed: TimedLoader, warmup: int) -> tuple[float, int]:
+    """Median images/s over the steps after `warmup`, and how many steps that median is over."""
+    steps = timed.step_seconds()[max(warmup, 0):]  # step_seconds()[i] is step i + 1: drop the warm-up steps
     if not steps:
         raise ValueError("bench: no timed steps; use more images, a smaller batch or fewer warm-up steps")
-    return timed.batch_sizes[0] / statistics.median(steps)
+    return timed.batch_sizes[0] / statistics.median(steps), len(steps)
 
 
 def _plain_loader(root: Path, *, image_size: int, batch_size: int, mean, std) -> DataLoader:
@@ -119,6 +120,7 @@ def bench(
     root = Path(data) if data is not None else course_dataset(verbose=False)
     limit = warmup + steps + 1
     results: dict[str, float] = {}
+    timed_steps: dict[str, int] = {}
     setup_seconds: dict[str, float] = {}
     for name in contenders:
         torch.manual_seed(0)
@@ -143,13 +145,14 @@ def bench(
             fit(net, timed, epochs=1, device=device, progress=False, restore_best=False)
         else:
             raise ValueError(f"bench: unknown contender {name!r}; expected plain, fit_plain or fit")
-        results[name] = _images_per_second(timed, warmup)
+        results[name], timed_steps[name] = _images_per_second(timed, warmup)
     report = {
         "model": model,
         "device": str(device),
         "image_size": image_size,
         "batch_size": batch_size,
         "steps": steps,
+        "timed_steps": timed_steps,  # fewer than `steps` when one epoch of the data has fewer batches
         "warmup": warmup,
         "threads": torch.get_num_threads(),
         "data": str(root),
@@ -165,7 +168,9 @@ def format_report(report: dict) -> str:
     """A small table of a `bench` report, for the terminal."""
     lines = [
         f"{report['model']} on {report['device']}, {report['image_size']} px, batch {report['batch_size']}, "
-        f"median of {report['steps']} steps after {report['warmup']} warm-up",
+        f"median of {min(report['timed_steps'].values())} steps after {report['warmup']} warm-up"
+        + (f" (asked for {report['steps']}: the data has fewer batches)"
+           if min(report["timed_steps"].values()) < report["steps"] else ""),
         f"{'contender':<10} {'images/s':>9} {'vs plain':>9} {'setup s':>8}",
     ]
     ratios = report.get("ratio_vs_plain", {})

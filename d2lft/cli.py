@@ -106,14 +106,21 @@ def _finetune(args: argparse.Namespace) -> int:
     )
     if not is_main_process():  # under torchrun, rank 0 alone reports
         return 0
-    print(
-        f"val_acc {report['val_acc']:.3f} (best {report['best_val_acc']:.3f}) after {report['epochs']} epochs, "
-        f"{report['train_seconds']:.1f} s, {report['images_per_second']:.1f} images/s"
-    )
+    if report["val_acc"] is not None:
+        print(
+            f"val_acc {report['val_acc']:.3f} (best {report['best_val_acc']:.3f}) after {report['epochs']} epochs, "
+            f"{report['train_seconds']:.1f} s, {report['images_per_second']:.1f} images/s"
+        )
     if report["skipped"]:
         print(f"skipped {len(report['skipped'])} unreadable file(s): " + ", ".join(report["skipped"]))
     if args.json:
         _write_json(args.json, report)
+    halted = report["interrupted"] or (report["stop_reason"] or "").startswith("non-finite")
+    if halted:  # the JSON and the checkpoint above still hold what was gathered
+        kept = [str(p) for p in (args.json, args.checkpoint) if p is not None]
+        print(f"d2lft finetune: stopped: {report['stop_reason']}" + (f"; kept {', '.join(kept)}" if kept else ""),
+              file=sys.stderr)
+        return 130 if report["interrupted"] else 1
     return 0
 
 
@@ -191,6 +198,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except _user_errors() as err:
         print(f"d2lft {args.command}: error: {err}", file=sys.stderr)
         return 1
+    except KeyboardInterrupt:  # Ctrl-C outside training (loading, caching): nothing to keep yet
+        print(f"d2lft {args.command}: interrupted", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

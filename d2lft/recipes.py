@@ -11,6 +11,7 @@ Strategies (the four columns of chapter 1's table):
 from __future__ import annotations
 
 import dataclasses
+import math
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -86,6 +87,11 @@ def _concat(first: History, second: History) -> History:
     return out
 
 
+def _halted(history: History) -> bool:
+    """True when a run ended for a reason other than its epochs or early stopping (Ctrl-C, a NaN loss)."""
+    return history.interrupted or (history.stop_reason is not None and not history.stopped_early)
+
+
 def _probe(net: Net, data: ImageFolderData, *, epochs: int, lr: float, weight_decay: float, device,
            progress: bool, seed: int, task: str) -> History:
     """Train only the head on cached backbone features (computed once, evaluation transform)."""
@@ -154,8 +160,8 @@ def fine_tune(
         probed = _probe(net, data, epochs=probe_epochs, lr=probe_lr, weight_decay=weight_decay, device=device,
                         progress=progress, seed=seed, task=task)
         unfreeze(net)
-        if strategy == "probe":
-            return probed
+        if strategy == "probe" or _halted(probed):
+            return probed  # an interrupted or diverged probe does not go on to fine-tune
     mult = 1.0 if strategy == "scratch" else head_lr_mult
     groups = param_groups(net, lr=lr, head_lr_mult=mult, weight_decay=weight_decay)
     history = fit(
@@ -202,10 +208,13 @@ def run_finetune(
     if checkpoint is not None:
         save_checkpoint(checkpoint, net=net, history=history, extra={"classes": data.classes, "model": model})
     seen = len(data.train_dataset) * len(history.train_loss)
+    finished = [a for a in history.val_acc if a is not None and math.isfinite(a)]
     return {
-        "val_acc": history.val_acc[-1],
-        "best_val_acc": max(history.val_acc),
+        "val_acc": finished[-1] if finished else None,  # None: stopped before the first epoch ended
+        "best_val_acc": max(finished) if finished else None,
         "epochs": len(history.train_loss),
+        "stop_reason": history.stop_reason,  # None for a run that did all its epochs
+        "interrupted": history.interrupted,
         "train_seconds": round(seconds, 2),
         "images_per_second": round(seen / seconds, 2),
         "skipped": list(data.skipped),

@@ -25,7 +25,16 @@ def test_bench_runs_all_contenders_and_reports_ratios(tmp_path):
     assert set(report["images_per_second"]) == {"plain", "fit_plain", "fit"}
     assert all(v > 0 for v in report["images_per_second"].values())
     assert set(report["ratio_vs_plain"]) == {"fit_plain", "fit"}
+    assert report["timed_steps"] == {"plain": 3, "fit_plain": 3, "fit": 3}
     assert "plain" in format_report(report)
+
+
+def test_bench_reports_fewer_steps_when_the_data_runs_out(tmp_path):
+    root = make_shapes(tmp_path)  # 120 training images: 3 batches of 32
+    report = bench(model="efficientnet_lite0", image_size=32, batch_size=32, steps=50, warmup=1, device="cpu",
+                   data=root, contenders=("plain",))
+    assert 0 < report["timed_steps"]["plain"] < 50
+    assert "asked for 50" in format_report(report)
 
 
 def test_bench_cli_writes_json(tmp_path):

@@ -1,0 +1,98 @@
+"""The one-call recipe: what each strategy trains, and what a halted run keeps."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+import d2lft.recipes as recipes
+from d2lft.cli import main
+from d2lft.data import image_folders
+from d2lft.models import create_model
+from d2lft.recipes import fine_tune, run_finetune
+from d2lft.train import History
+
+QUIET = {"device": "cpu", "progress": False}
+
+
+def lite0_and_data(root):
+    net = create_model("efficientnet_lite0", num_classes=2)
+    data = image_folders(root, image_size=32, batch_size=4, mean=net.mean, std=net.std, progress=False)
+    return net, data
+
+
+def backbone_copy(net):
+    return {k: v.clone() for k, v in net.backbone.state_dict().items()}
+
+
+def changed(before, net) -> bool:
+    return any(not torch.equal(before[k], v) for k, v in net.backbone.state_dict().items())
+
+
+def test_probe_trains_the_head_only_and_finetune_trains_everything(tiny_folder):
+    net, data = lite0_and_data(tiny_folder)
+    before, head = backbone_copy(net), net.head.weight.clone()
+    history = fine_tune(net, data, strategy="probe", epochs=2, **QUIET)
+    assert len(history) == 2 and not changed(before, net)
+    assert not torch.equal(head, net.head.weight)
+    assert all(p.requires_grad for p in net.parameters())  # handed back unfrozen
+
+    history = fine_tune(net, data, strategy="finetune", epochs=1, **QUIET)
+    assert len(history) == 1 and changed(before, net)
+
+
+def test_lp_ft_history_holds_both_phases(tiny_folder):
+    net, data = lite0_and_data(tiny_folder)
+    history = fine_tune(net, data, strategy="lp-ft", epochs=1, probe_epochs=2, **QUIET)
+    assert history.epoch == [1, 2, 3]
+
+
+def test_settings_are_checked_before_training(tiny_folder):
+    net, data = lite0_and_data(tiny_folder)
+    with pytest.raises(ValueError, match="strategy='linear'"):
+        fine_tune(net, data, strategy="linear", **QUIET)
+    with pytest.raises(ValueError, match="head has 5 outputs but the data needs 2"):
+        fine_tune(create_model("efficientnet_lite0", num_classes=5), data, **QUIET)
+
+
+@pytest.mark.parametrize("reason", ["interrupted", "non-finite"])
+def test_lp_ft_stops_after_a_halted_probe(tiny_folder, monkeypatch, reason):
+    halted = History(epoch=[1], train_loss=[0.7], val_acc=[0.5], interrupted=reason == "interrupted",
+                     stop_reason=f"{reason} at epoch 1")
+    monkeypatch.setattr(recipes, "_probe", lambda *a, **k: halted)
+    monkeypatch.setattr(recipes, "fit", lambda *a, **k: pytest.fail("fine-tuned after a halted probe"))
+    net, data = lite0_and_data(tiny_folder)
+    assert fine_tune(net, data, strategy="lp-ft", epochs=1, **QUIET) is halted
+
+
+def test_a_run_interrupted_before_its_first_epoch_still_reports(tiny_folder, monkeypatch, tmp_path):
+    halted = History(interrupted=True, stop_reason="interrupted (KeyboardInterrupt) during epoch 1")
+    monkeypatch.setattr(recipes, "fine_tune", lambda *a, **k: halted)
+    report = run_finetune(tiny_folder, image_size=32, progress=False, checkpoint=tmp_path / "best.pt")
+    assert report["val_acc"] is None and report["epochs"] == 0 and report["interrupted"]
+    assert (tmp_path / "best.pt").exists()  # the weights are kept
+
+
+def test_cli_ctrl_c_during_training_keeps_the_json_and_exits_130(tiny_folder, monkeypatch, tmp_path, capsys):
+    halted = History(epoch=[1], train_loss=[0.7], val_acc=[0.75], interrupted=True,
+                     stop_reason="interrupted (KeyboardInterrupt) during epoch 2")
+    monkeypatch.setattr(recipes, "fine_tune", lambda *a, **k: halted)
+    out = tmp_path / "out.json"
+    assert main(["finetune", str(tiny_folder), "--image-size", "32", "--json", str(out)]) == 130
+    assert json.loads(out.read_text())["val_acc"] == 0.75
+    assert f"stopped: interrupted (KeyboardInterrupt) during epoch 2; kept {out}" in capsys.readouterr().err
+
+
+def test_cli_ctrl_c_outside_training_is_one_line(tiny_folder, monkeypatch, capsys):
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr("d2lft.data.image_folders", interrupted)
+    assert main(["finetune", str(tiny_folder)]) == 130
+    assert capsys.readouterr().err.strip() == "d2lft finetune: interrupted"
+
+
+def test_course_settings_are_small_on_a_cpu():
+    settings = recipes.course_settings("cpu")
+    assert (settings.image_size, settings.batch_size, settings.epochs_scale) == (128, 32, 1)
