@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import textwrap
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -475,15 +476,21 @@ def plot_bars(
         if missing:
             raise ValueError(f"plot_bars: errors has no entry for {missing}")
         yerr = [float(errors[n]) for n in names]
-    ax = _new_axes(ax, figsize=(max(3.0, 1.0 + 0.9 * len(names)), 3.2))
-    bars = ax.bar(names, heights, yerr=yerr, capsize=4 if yerr else 0, color=[f"C{i % 10}" for i in range(len(names))])
+    # Long names wrap onto lines of at most 14 characters, and each bar gets room for its widest line,
+    # so that neighbouring labels never overlap.
+    labels = [textwrap.fill(str(n), 14, break_long_words=False) for n in names]
+    widest = max(len(line) for label in labels for line in label.splitlines())
+    per_bar = max(0.9, 0.075 * widest + 0.25)
+    ax = _new_axes(ax, figsize=(max(3.0, 1.0 + per_bar * len(names)), 3.2))
+    positions = range(len(names))
+    bars = ax.bar(positions, heights, yerr=yerr, capsize=4 if yerr else 0,
+                  color=[f"C{i % 10}" for i in range(len(names))])
+    ax.set_xticks(positions, labels)
     ax.bar_label(bars, labels=[fmt.format(h) for h in heights], fontsize="small", padding=2)
     ax.set_ylabel(ylabel)
     if title:
         ax.set_title(title, fontsize="medium")
     ax.margins(y=0.15)
-    if len(names) > 4:
-        ax.tick_params(axis="x", labelrotation=30)
     return ax
 
 

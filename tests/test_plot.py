@@ -269,6 +269,16 @@ def test_plot_bars_heights_and_labels():
         plot.plot_bars(values, errors={"probe": 0.1, "finetune": 0.1})
 
 
+def test_plot_bars_long_names_do_not_overlap():
+    values = {"the model's own": 0.92, "ImageNet statistics": 0.91, "0-255, not scaled": 0.73,
+              "right in training, 0-255 in evaluation": 0.46}
+    ax = plot.plot_bars(values)
+    ax.figure.canvas.draw()
+    boxes = [t.get_window_extent() for t in ax.get_xticklabels()]
+    assert all(a.x1 <= b.x0 for a, b in zip(boxes, boxes[1:])), [(b.x0, b.x1) for b in boxes]
+    assert ax.get_xticklabels()[3].get_text() == "right in\ntraining,\n0-255 in\nevaluation"
+
+
 def test_plot_trainable_splits_each_block():
     from d2lft.freeze import train_last
 
