@@ -106,8 +106,10 @@ def bench(
     """Train the same model with each contender and return their images/s and ratios.
 
     Contenders: ``plain`` (hand-written loop, ImageFolder decoding JPEGs every step), ``fit_plain``
-    (`d2lft.fit` with its fast path off: the same uncached loader, no channels_last) and ``fit``
-    (`d2lft.fit` with its defaults on `d2lft.image_folders`' cached tensors).
+    (`d2lft.fit` with its fast path off: the same uncached loader, no channels_last, the default
+    allocator) and ``fit`` (`d2lft.fit` with its defaults on `d2lft.image_folders`' cached tensors).
+    They run in this order: ``fit``'s allocator setting (`d2lft.cpu.keep_freed_memory`) is
+    process-wide, so the contenders before it run without it.
 
     >>> report = bench(model="efficientnet_lite0", image_size=32, batch_size=4, steps=2, warmup=1,
     ...                contenders=("plain", "fit"))  # doctest: +SKIP
@@ -122,7 +124,11 @@ def bench(
     results: dict[str, float] = {}
     timed_steps: dict[str, int] = {}
     setup_seconds: dict[str, float] = {}
-    for name in contenders:
+    order = ("plain", "fit_plain", "fit")
+    unknown = [name for name in contenders if name not in order]
+    if unknown:
+        raise ValueError(f"bench: unknown contender {unknown[0]!r}; expected plain, fit_plain or fit")
+    for name in sorted(contenders, key=order.index):  # fit last: its allocator setting is process-wide
         torch.manual_seed(0)
         t0 = time.perf_counter()
         if name == "fit":
@@ -140,11 +146,9 @@ def bench(
             plain_loop(net, timed, device=device)
         elif name == "fit_plain":
             fit(net, timed, epochs=1, device=device, progress=False, amp=False, channels_last=False,
-                restore_best=False)
-        elif name == "fit":
-            fit(net, timed, epochs=1, device=device, progress=False, restore_best=False)
+                reuse_memory=False, restore_best=False)
         else:
-            raise ValueError(f"bench: unknown contender {name!r}; expected plain, fit_plain or fit")
+            fit(net, timed, epochs=1, device=device, progress=False, restore_best=False)
         results[name], timed_steps[name] = _images_per_second(timed, warmup)
     report = {
         "model": model,

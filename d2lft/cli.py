@@ -112,7 +112,7 @@ def _finetune(args: argparse.Namespace) -> int:
             f"{report['train_seconds']:.1f} s, {report['images_per_second']:.1f} images/s"
         )
     if report["skipped"]:
-        print(f"skipped {len(report['skipped'])} unreadable file(s): " + ", ".join(report["skipped"]))
+        print(f"skipped {len(report['skipped'])} file(s), unreadable or not an image type: " + ", ".join(report["skipped"]))
     if args.json:
         _write_json(args.json, report)
     halted = report["interrupted"] or (report["stop_reason"] or "").startswith("non-finite")

@@ -38,6 +38,7 @@ from torch.optim.lr_scheduler import LRScheduler, ReduceLROnPlateau
 from tqdm.auto import tqdm
 
 from d2lft import distributed
+from d2lft.cpu import keep_freed_memory
 from d2lft.freeze import set_train_mode
 from d2lft.net import Net
 
@@ -724,6 +725,7 @@ def fit(
     device: str | torch.device | None = None,
     amp: bool | None = None,
     channels_last: bool | None = None,
+    reuse_memory: bool | None = None,
     early_stopping: int | None = None,
     monitor: str = "val_loss",
     restore_best: bool = True,
@@ -746,7 +748,9 @@ def fit(
     * `device`: `get_device()`; the net moves there and stays. `amp`: on for CUDA (bf16 where
       supported, else fp16 with a GradScaler). `channels_last`: on for CUDA and the CPU (training
       steps of a small conv net and of EfficientNet-Lite0 at 160 px ran 1.5x faster on one CPU
-      thread); inputs with 4 dimensions are converted too.
+      thread); inputs with 4 dimensions are converted too. `reuse_memory`: on for the CPU,
+      `d2lft.cpu.keep_freed_memory` (process-wide: glibc keeps freed buffers for the next step
+      instead of faulting them in again; Lite0 at 224 px measured 1.11x faster).
     * `monitor` (``"val_loss"``, ``"val_acc"`` or ``"val_mae"``) picks the best epoch; its weights
       are kept on the CPU and, with `restore_best`, put back at the end, also after an early stop
       (`early_stopping` = epochs without improvement), a non-finite loss or Ctrl-C. Without a
@@ -780,6 +784,8 @@ def fit(
     amp_dtype = _amp_dtype(device, amp)
     scaler = torch.amp.GradScaler(device.type) if amp_dtype == torch.float16 else None
     channels_last = device.type in ("cuda", "cpu") if channels_last is None else channels_last
+    if (device.type == "cpu" if reuse_memory is None else reuse_memory):
+        keep_freed_memory()
     net.to(device)
     if channels_last:  # NHWC convolutions: tensor cores on CUDA; on the CPU (oneDNN) measured 1.5x faster
         net.to(memory_format=torch.channels_last)
