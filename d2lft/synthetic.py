@@ -86,9 +86,17 @@ def make_shapes(
         for split_index, (split, per_class) in enumerate((("train", train_per_class), ("val", val_per_class))):
             _write_split(staging / split, split_index, per_class, seed=seed, image_size=image_size)
         (staging / MANIFEST).write_text(json.dumps(settings, indent=1) + "\n")  # last: marks completion
+        # Under torchrun every process may generate at once: the first to finish wins, and the
+        # others keep its tree (same arguments, same bytes) instead of replacing it under its readers.
+        if not force and _read_manifest(folder) == settings:
+            return folder
         if folder.exists():
             shutil.rmtree(folder)
-        os.replace(staging, folder)
+        try:
+            os.replace(staging, folder)
+        except OSError:
+            if _read_manifest(folder) != settings:  # not another process's finished tree: a real error
+                raise
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return folder

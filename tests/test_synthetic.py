@@ -92,6 +92,26 @@ def test_crash_during_generation_leaves_nothing_that_looks_finished(tmp_path, mo
     assert tree_bytes(make_shapes(tmp_path, **SMALL)) == tree_bytes(make_shapes(tmp_path / "ref", **SMALL))
 
 
+def test_a_tree_another_process_finished_first_is_kept(tmp_path, monkeypatch):
+    """torchrun: every rank generates; the first to finish wins and the others must not replace it."""
+    real_write = synthetic._write_split
+    finished = {}
+
+    def racing_write(folder, split_index, per_class, *, seed, image_size):
+        if not finished:  # another process generates the same tree while this one is still drawing
+            monkeypatch.setattr(synthetic, "_write_split", real_write)
+            finished["tree"] = make_shapes(tmp_path, **SMALL)
+            finished["inode"] = (finished["tree"] / "train" / "targets.csv").stat().st_ino
+            monkeypatch.setattr(synthetic, "_write_split", racing_write)
+        real_write(folder, split_index, per_class, seed=seed, image_size=image_size)
+
+    monkeypatch.setattr(synthetic, "_write_split", racing_write)
+    folder = make_shapes(tmp_path, **SMALL)
+    assert folder == finished["tree"]
+    assert (folder / "train" / "targets.csv").stat().st_ino == finished["inode"]  # not replaced under its readers
+    assert [p.name for p in tmp_path.iterdir()] == ["shapes"]  # no staging folder left behind
+
+
 def test_a_foreign_folder_named_shapes_is_never_deleted(tmp_path):
     (tmp_path / "shapes").mkdir()
     (tmp_path / "shapes" / "holiday.jpg").write_bytes(b"precious")
