@@ -196,7 +196,8 @@ def test_gradual_unfreezing_validates():
 
 
 def test_train_last_on_efficientnet_lite0():
-    models = pytest.importorskip("d2lft.models", reason="d2lft.models not written yet")
+    from d2lft import models
+
     net = models.create_model("efficientnet_lite0", num_classes=2, pretrained=False)
     blocks = net.blocks()
     train_last(net, 2)
