@@ -1,90 +1,81 @@
 """d2lft: fine-tune pretrained vision models with PyTorch (the package behind the d2lft course).
 
+The core API, one screen::
+
+    import d2lft as ft
+    root = ft.course_dataset()
+    net = ft.create_model("efficientnet_lite0", num_classes=2)
+    data = ft.image_folders(root, net)           # prepared as the model's weights expect
+    history = ft.fine_tune(net, data, strategy="lp-ft", epochs=3)
+
+Plots and widgets load on first use (``ft.plot.plot_history(history)``,
+``ft.widgets.freeze_explorer(net)``), so ``import d2lft`` needs neither matplotlib nor ipywidgets.
+
 >>> import d2lft as ft
 >>> net = ft.create_model("efficientnet_lite0", num_classes=2)   # real ImageNet weights, offline
 >>> ft.count_parameters(net)[0] > 3_000_000
 True
 """
-from d2lft.data import (
-    ImageFolderData,
-    course_dataset,
-    eval_transform,
-    get_dataset,
-    image_folders,
-    list_datasets,
-    train_transform,
-)
+from __future__ import annotations
+
+import importlib
+
+from d2lft.callbacks import EarlyStopping
+from d2lft.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from d2lft.data import ImageFolderData, image_folders
+from d2lft.datasets import DatasetNotAvailableError, course_dataset, get_dataset, list_datasets
+from d2lft.device import get_device, set_seed
 from d2lft.download import DownloadError
-from d2lft.ensemble import accuracy, average_predictions
-from d2lft.features import extract_features, feature_loaders
-from d2lft.freeze import (
-    GradualUnfreezing,
-    count_parameters,
-    freeze,
-    set_train_mode,
-    train_last,
-    trainable_blocks,
-    unfreeze,
-)
+from d2lft.ensemble import average_predictions
+from d2lft.errors import ConfigError, D2LFTError
+from d2lft.features import extract_features, feature_loaders, probe
+from d2lft.freeze import GradualUnfreezing, count_parameters, freeze, set_train_mode, train_last, trainable_blocks, unfreeze
 from d2lft.images import BadImageError, is_image_file, load_image
-from d2lft.imbalance import (
-    balanced_accuracy,
-    balanced_sampler,
-    class_counts,
-    class_weights,
-    imbalanced_subset,
-    per_class_recall,
-)
+from d2lft.imbalance import balanced_sampler, class_counts, class_weights, imbalanced_subset
 from d2lft.inference import classify
+from d2lft.metrics import accuracy, balanced_accuracy, confusion_matrix, per_class_recall
 from d2lft.models import WeightsUnavailableError, create_model, list_models, replace_head, summary
-from d2lft.net import IMAGENET_MEAN, IMAGENET_STD, Net
-from d2lft.optim import SCHEDULERS, LRFindResult, lr_find, make_scheduler, param_groups, schedule_curve
-from d2lft.plot import (
-    confusion_matrix,
-    plot_bars,
-    plot_confusion_matrix,
-    plot_filters,
-    plot_history,
-    plot_lr_find,
-    plot_schedules,
-    plot_trainable,
-    show_images,
-)
-from d2lft.recipes import STRATEGIES, CourseSettings, course_settings, fine_tune, run_finetune
-from d2lft.train import (
-    CheckpointError,
-    EarlyStopping,
-    History,
-    evaluate,
-    fit,
-    get_device,
-    load_checkpoint,
-    predict,
-    save_checkpoint,
-    set_seed,
-)
-from d2lft.widgets import augmentation_explorer, freeze_explorer, schedule_explorer
+from d2lft.net import Net, Preprocessing
+from d2lft.optim import LRFindResult, lr_find, make_optimizer, make_scheduler, param_groups, schedule_curve
+from d2lft.recipes import STRATEGIES, fine_tune
+from d2lft.train import History, evaluate, fit, predict
+from d2lft.transforms import AUGMENT_PRESETS, train_transform
 
 __version__ = "0.1.0"
 
 __all__ = [
     # data
-    "course_dataset", "get_dataset", "list_datasets", "image_folders", "ImageFolderData",
-    "train_transform", "eval_transform", "load_image", "is_image_file", "BadImageError", "DownloadError",
+    "course_dataset", "get_dataset", "list_datasets", "image_folders", "ImageFolderData", "train_transform",
+    "AUGMENT_PRESETS", "load_image", "is_image_file",
     # models
-    "Net", "create_model", "replace_head", "summary", "list_models", "classify", "WeightsUnavailableError",
-    "IMAGENET_MEAN", "IMAGENET_STD",
+    "Net", "Preprocessing", "create_model", "replace_head", "summary", "list_models", "classify",
     # freezing and learning rates
     "freeze", "unfreeze", "train_last", "set_train_mode", "count_parameters", "trainable_blocks",
-    "GradualUnfreezing", "param_groups", "make_scheduler", "schedule_curve", "SCHEDULERS", "lr_find", "LRFindResult",
-    # training
-    "fit", "History", "EarlyStopping", "evaluate", "predict", "save_checkpoint", "load_checkpoint",
-    "CheckpointError", "get_device", "set_seed", "extract_features", "feature_loaders",
+    "GradualUnfreezing", "param_groups", "make_optimizer", "make_scheduler", "schedule_curve", "lr_find",
+    "LRFindResult",
+    # training and evaluation
+    "fit", "History", "EarlyStopping", "evaluate", "predict", "save_checkpoint", "load_checkpoint", "get_device",
+    "set_seed", "extract_features", "feature_loaders", "probe",
     # recipes
-    "fine_tune", "run_finetune", "STRATEGIES", "course_settings", "CourseSettings",
-    "class_counts", "class_weights", "balanced_sampler", "imbalanced_subset", "per_class_recall",
-    "balanced_accuracy", "average_predictions", "accuracy",
-    # plots and widgets
-    "plot_history", "plot_lr_find", "plot_schedules", "show_images", "confusion_matrix", "plot_confusion_matrix",
-    "plot_filters", "plot_bars", "plot_trainable", "augmentation_explorer", "schedule_explorer", "freeze_explorer",
+    "fine_tune", "STRATEGIES",
+    # metrics, imbalance, ensembles
+    "accuracy", "confusion_matrix", "per_class_recall", "balanced_accuracy", "class_counts", "class_weights",
+    "balanced_sampler", "imbalanced_subset", "average_predictions",
+    # errors a user can fix
+    "D2LFTError", "ConfigError", "BadImageError", "DownloadError", "DatasetNotAvailableError", "CheckpointError",
+    "WeightsUnavailableError",
 ]
+
+#: Submodules imported on first use, so that ``import d2lft`` (every CLI call, every torchrun
+#: worker) does not load matplotlib or ipywidgets.
+_ON_DEMAND = ("plot", "widgets", "book")
+
+
+def __getattr__(name: str):
+    if name in _ON_DEMAND:
+        return importlib.import_module(f"d2lft.{name}")
+    raise AttributeError(f"module 'd2lft' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted([*globals(), *_ON_DEMAND])

@@ -15,6 +15,8 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
+from d2lft.errors import ConfigError
+
 __all__ = ["bench", "format_report", "plain_loop", "TimedLoader"]
 
 
@@ -70,7 +72,7 @@ def _images_per_second(timed: TimedLoader, warmup: int) -> tuple[float, int]:
     """Median images/s over the steps after `warmup`, and how many steps that median is over."""
     steps = timed.step_seconds()[max(warmup, 0):]  # step_seconds()[i] is step i + 1: drop the warm-up steps
     if not steps:
-        raise ValueError("bench: no timed steps; use more images, a smaller batch or fewer warm-up steps")
+        raise ConfigError("bench: no timed steps; use more images, a smaller batch or fewer warm-up steps")
     return timed.batch_sizes[0] / statistics.median(steps), len(steps)
 
 
@@ -108,17 +110,19 @@ def bench(
     Contenders: ``plain`` (hand-written loop, ImageFolder decoding JPEGs every step), ``fit_plain``
     (`d2lft.fit` with its fast path off: the same uncached loader, no channels_last, the default
     allocator) and ``fit`` (`d2lft.fit` with its defaults on `d2lft.image_folders`' cached tensors).
-    They run in this order: ``fit``'s allocator setting (`d2lft.cpu.keep_freed_memory`) is
-    process-wide, so the contenders before it run without it.
+    They run in this order: ``fit`` turns on the process-wide allocator setting of the command
+    line (`d2lft.device.keep_freed_memory`), so the contenders before it run without it.
 
     >>> report = bench(model="efficientnet_lite0", image_size=32, batch_size=4, steps=2, warmup=1,
     ...                contenders=("plain", "fit"))  # doctest: +SKIP
     """
-    from d2lft.data import course_dataset, image_folders
+    from d2lft.data import image_folders
+    from d2lft.datasets import course_dataset
+    from d2lft.device import keep_freed_memory, resolve_device
     from d2lft.models import create_model
-    from d2lft.train import fit, get_device
+    from d2lft.train import fit
 
-    device = torch.device(device) if device is not None else get_device()
+    device = resolve_device(device)
     root = Path(data) if data is not None else course_dataset(verbose=False)
     limit = warmup + steps + 1
     results: dict[str, float] = {}
@@ -127,17 +131,17 @@ def bench(
     order = ("plain", "fit_plain", "fit")
     unknown = [name for name in contenders if name not in order]
     if unknown:
-        raise ValueError(f"bench: unknown contender {unknown[0]!r}; expected plain, fit_plain or fit")
+        raise ConfigError(f"bench: unknown contender {unknown[0]!r}; expected plain, fit_plain or fit")
     for name in sorted(contenders, key=order.index):  # fit last: its allocator setting is process-wide
         torch.manual_seed(0)
         t0 = time.perf_counter()
+        reference = create_model(model, pretrained=False)
         if name == "fit":
-            folders = image_folders(root, image_size=image_size, batch_size=batch_size, cache=True)
-            loader, classes, mean, std = folders.train, folders.classes, folders.mean, folders.std
+            folders = image_folders(root, reference, image_size=image_size, batch_size=batch_size, cache=True)
+            loader, classes = folders.train, folders.classes
         else:
-            probe = create_model(model, pretrained=False)
-            mean, std = probe.mean, probe.std
-            loader = _plain_loader(root, image_size=image_size, batch_size=batch_size, mean=mean, std=std)
+            loader = _plain_loader(root, image_size=image_size, batch_size=batch_size, mean=reference.mean,
+                                   std=reference.std)
             classes = loader.dataset.classes
         net = create_model(model, num_classes=len(classes))
         setup_seconds[name] = time.perf_counter() - t0
@@ -145,10 +149,11 @@ def bench(
         if name == "plain":
             plain_loop(net, timed, device=device)
         elif name == "fit_plain":
-            fit(net, timed, epochs=1, device=device, progress=False, amp=False, channels_last=False,
-                reuse_memory=False, restore_best=False)
+            fit(net, timed, epochs=1, device=device, progress=False, amp=False, channels_last=False, best=None)
         else:
-            fit(net, timed, epochs=1, device=device, progress=False, restore_best=False)
+            if device.type == "cpu":
+                keep_freed_memory()  # what the command line does for a CPU run
+            fit(net, timed, epochs=1, device=device, progress=False, best=None)
         results[name], timed_steps[name] = _images_per_second(timed, warmup)
     report = {
         "model": model,

@@ -5,18 +5,137 @@
     d2lft data list | d2lft data download NAME
     d2lft bench [--model NAME] [--image-size N] [--device cpu|cuda]
 
-Errors a user can fix (a wrong folder, a bad setting, no network) print one line and exit with
-status 1; usage errors exit with status 2 (argparse's convention).
+Errors a user can fix (a wrong folder, a bad setting, no network: every `d2lft.errors.D2LFTError`)
+print one line and exit with status 1; usage errors exit with status 2 (argparse's convention).
+Output paths are checked before any work starts, and the final writes survive a second Ctrl-C.
 """
 from __future__ import annotations
 
 import argparse
 import json
+import math
+import os
+import signal
 import sys
+import time
 from collections.abc import Sequence
+from contextlib import contextmanager
 from pathlib import Path
 
-__all__ = ["main"]
+import torch
+
+from d2lft.errors import ConfigError, D2LFTError
+
+__all__ = ["main", "run_finetune", "DEFAULTS"]
+
+#: The command line's defaults, chosen by measurement on a 2-core CPU (ants vs bees, 244 train
+#: images): a probe on cached 224 px features reached val acc 0.948 in 18 s of wall time, while
+#: lp-ft at 160 px (probe, then 2 epochs of all layers) reached 0.902 in 74 s.
+DEFAULTS = {
+    "model": "efficientnet_lite0",
+    "strategy": "probe",
+    "epochs": None,
+    "image_size": 224,
+    "batch_size": 32,
+    "lr": None,
+}
+
+
+def run_finetune(
+    data_dir: str | Path,
+    *,
+    model: str = DEFAULTS["model"],
+    strategy: str = DEFAULTS["strategy"],
+    epochs: int | None = DEFAULTS["epochs"],
+    image_size: int = DEFAULTS["image_size"],
+    batch_size: int = DEFAULTS["batch_size"],
+    lr: float | None = DEFAULTS["lr"],
+    seed: int = 0,
+    device: str | torch.device | None = None,
+    checkpoint: str | Path | None = None,
+    progress: bool = True,
+) -> dict:
+    """What ``d2lft finetune DATA_DIR`` does: load the folder, fine-tune, and report the figures.
+
+    Returns a JSON-ready dict: val_acc, best_val_acc, epochs, train_seconds, images_per_second,
+    skipped, model, strategy (and the settings used).
+    """
+    from d2lft.checkpoint import save_checkpoint
+    from d2lft.data import image_folders
+    from d2lft.device import resolve_device, set_seed
+    from d2lft.distributed import is_main_process
+    from d2lft.models import create_model, replace_head
+    from d2lft.recipes import fine_tune
+
+    start = time.perf_counter()
+    device = resolve_device(device)  # a device that is not here fails now, not after caching the images
+    set_seed(seed)
+    net = create_model(model, pretrained=strategy != "scratch")
+    data = image_folders(data_dir, net, image_size=image_size, batch_size=batch_size, seed=seed,
+                         progress=progress and is_main_process())
+    replace_head(net, len(data.classes))
+    history = fine_tune(net, data, strategy=strategy, epochs=epochs, lr=lr, device=device, progress=progress,
+                        seed=seed)
+    seconds = time.perf_counter() - start
+    if checkpoint is not None:
+        with _shielded():
+            save_checkpoint(checkpoint, net=net, history=history,
+                            extra={"classes": data.classes, "model": model, "image_size": image_size})
+    seen = len(data.train_dataset) * len(history.train_loss)
+    finished = [a for a in history.val_acc if a is not None and math.isfinite(a)]
+    return {
+        "val_acc": finished[-1] if finished else None,  # None: stopped before the first epoch ended
+        "best_val_acc": max(finished) if finished else None,
+        "epochs": len(history.train_loss),
+        "stop_reason": history.stop_reason,  # None for a run that did all its epochs
+        "stop_message": history.stop_message,
+        "interrupted": history.interrupted,
+        "halted": history.halted,
+        "train_seconds": round(seconds, 2),
+        "images_per_second": round(seen / seconds, 2),
+        "skipped": [os.fsdecode(p).encode("utf-8", "backslashreplace").decode() for p in data.skipped],
+        "model": model,
+        "strategy": strategy,
+        "image_size": image_size,
+        "batch_size": batch_size,
+        "lr": lr,
+        "seed": seed,
+        "classes": data.classes,
+        "train_images": len(data.train_dataset),
+        "val_images": len(data.val_dataset),
+    }
+
+
+@contextmanager
+def _shielded():
+    """Let the final writes finish even when Ctrl-C comes again (the run is already over)."""
+    try:
+        previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    except ValueError:  # not the main thread: signals cannot be changed, nothing to shield
+        yield
+        return
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
+def _check_outputs(*paths: Path | None) -> None:
+    """Refuse output paths that cannot be written before any work starts (one line each)."""
+    given = [p for p in paths if p is not None]
+    if len({os.path.abspath(p) for p in given}) < len(given):
+        raise ConfigError(f"--json and --checkpoint name the same file {given[0]}: give each its own path")
+    for path in given:
+        parent = path.parent if str(path.parent) else Path(".")
+        if path.is_dir():
+            raise ConfigError(f"{path} is a folder: give a file name for the output, e.g. {path / 'out.json'}")
+        existing = parent
+        while not existing.exists():
+            existing = existing.parent
+        if not existing.is_dir():
+            raise ConfigError(f"cannot write {path}: {existing} is a file, not a folder")
+        if not os.access(existing, os.W_OK):
+            raise ConfigError(f"cannot write {path}: the folder {existing} is not writable")
 
 
 def _positive_int(text: str) -> int:
@@ -35,7 +154,7 @@ def _positive_float(text: str) -> float:
 
 def _parser() -> argparse.ArgumentParser:
     from d2lft.models import list_models
-    from d2lft.recipes import DEFAULTS, STRATEGIES
+    from d2lft.recipes import STRATEGIES
 
     parser = argparse.ArgumentParser(prog="d2lft", description="Fine-tune pretrained vision models.")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -57,7 +176,7 @@ def _parser() -> argparse.ArgumentParser:
     ft.add_argument("--batch-size", type=_positive_int, default=DEFAULTS["batch_size"],
                     help=f"default {DEFAULTS['batch_size']}")
     ft.add_argument("--lr", type=_positive_float, default=DEFAULTS["lr"],
-                    help=f"backbone learning rate; the head gets 10x (default {DEFAULTS['lr']})")
+                    help="backbone learning rate for finetune, lp-ft and scratch; the head gets 10x (default 5e-4)")
     ft.add_argument("--seed", type=int, default=0)
     ft.add_argument("--device", default=None, help="cpu, cuda or mps (default: the best available)")
     ft.add_argument("--checkpoint", type=Path, default=None, help="save the best model here (.pt)")
@@ -89,9 +208,18 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _finetune(args: argparse.Namespace) -> int:
-    from d2lft.distributed import is_main_process
-    from d2lft.recipes import run_finetune
+    from d2lft import distributed
+    from d2lft.device import keep_freed_memory, resolve_device
 
+    _check_outputs(args.json, args.checkpoint)
+    if args.strategy == "probe" and args.lr is not None:
+        raise ConfigError("--lr is the backbone's learning rate and --strategy probe trains only the head; "
+                          "drop --lr, or choose --strategy lp-ft or finetune")
+    device = resolve_device(args.device)
+    if distributed.launched():
+        device = distributed.setup(device)  # torchrun: join the process group, one GPU per process
+    if device.type == "cpu":
+        keep_freed_memory()  # process-wide: glibc keeps a step's buffers for the next one (d2lft.device)
     report = run_finetune(
         args.data_dir,
         model=args.model,
@@ -101,10 +229,10 @@ def _finetune(args: argparse.Namespace) -> int:
         batch_size=args.batch_size,
         lr=args.lr,
         seed=args.seed,
-        device=args.device,
+        device=device,
         checkpoint=args.checkpoint,
     )
-    if not is_main_process():  # under torchrun, rank 0 alone reports
+    if not distributed.is_main_process():  # under torchrun, rank 0 alone reports
         return 0
     if report["val_acc"] is not None:
         print(
@@ -115,10 +243,9 @@ def _finetune(args: argparse.Namespace) -> int:
         print(f"skipped {len(report['skipped'])} file(s), unreadable or not an image type: " + ", ".join(report["skipped"]))
     if args.json:
         _write_json(args.json, report)
-    halted = report["interrupted"] or (report["stop_reason"] or "").startswith("non-finite")
-    if halted:  # the JSON and the checkpoint above still hold what was gathered
+    if report["halted"]:  # the JSON and the checkpoint above still hold what was gathered
         kept = [str(p) for p in (args.json, args.checkpoint) if p is not None]
-        print(f"d2lft finetune: stopped: {report['stop_reason']}" + (f"; kept {', '.join(kept)}" if kept else ""),
+        print(f"d2lft finetune: stopped: {report['stop_message']}" + (f"; kept {', '.join(kept)}" if kept else ""),
               file=sys.stderr)
         return 130 if report["interrupted"] else 1
     return 0
@@ -137,7 +264,7 @@ def _predict(args: argparse.Namespace) -> int:
 
 
 def _data(args: argparse.Namespace) -> int:
-    from d2lft.data import get_dataset, list_datasets
+    from d2lft.datasets import get_dataset, list_datasets
 
     if args.data_command == "list":
         for info in list_datasets():
@@ -151,6 +278,7 @@ def _data(args: argparse.Namespace) -> int:
 def _bench(args: argparse.Namespace) -> int:
     from d2lft.bench import bench, format_report
 
+    _check_outputs(args.json)
     report = bench(
         model=args.model,
         image_size=args.image_size,
@@ -167,19 +295,18 @@ def _bench(args: argparse.Namespace) -> int:
 
 
 def _write_json(path: Path, report: dict) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(report, indent=2) + "\n")
+    """Write the report atomically (a temporary file renamed over `path`), shielded from Ctrl-C."""
+    text = json.dumps(report, indent=2) + "\n"
+    with _shielded():
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+            tmp.write_text(text)
+            os.replace(tmp, path)
+        except OSError as err:  # a full disk, a folder removed meanwhile: say it, print the report instead
+            print(text, end="")
+            raise ConfigError(f"cannot write {path} ({err.strerror}); the report is printed above") from None
     print(f"wrote {path}")
-
-
-def _user_errors() -> tuple[type[Exception], ...]:
-    """The exceptions whose message tells the user what to fix: printed as one line, no traceback."""
-    from d2lft.download import DownloadError
-    from d2lft.images import BadImageError
-    from d2lft.models import WeightsUnavailableError
-    from d2lft.train import CheckpointError
-
-    return (ValueError, FileNotFoundError, DownloadError, BadImageError, WeightsUnavailableError, CheckpointError)
 
 
 _COMMANDS = {"finetune": _finetune, "predict": _predict, "data": _data, "bench": _bench}
@@ -195,7 +322,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
         return _COMMANDS[args.command](args)
-    except _user_errors() as err:
+    except D2LFTError as err:
         print(f"d2lft {args.command}: error: {err}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:  # Ctrl-C outside training (loading, caching): nothing to keep yet

@@ -8,7 +8,8 @@ torchrun starts one process per device and tells each its place through the envi
 (``WORLD_SIZE``, ``RANK``, ``LOCAL_RANK``). `d2lft.fit` then does five things differently, each
 with one function of this module:
 
-1. `setup` joins the process group once (NCCL on CUDA, gloo on CPU) and picks this process's GPU;
+1. `setup` joins the process group once (NCCL on CUDA, gloo on CPU) and picks this process's GPU:
+   call it yourself at the start (the ``d2lft`` command line does), `fit` refuses to start without it;
 2. `wrap` puts the model in ``DistributedDataParallel``, which averages the gradients of all
    processes after every backward pass, so every copy of the weights takes the same step;
 3. `shard_loader` gives each process its own part of the training data (a ``DistributedSampler``;
@@ -29,8 +30,9 @@ import os
 import torch
 import torch.distributed as dist
 from torch import nn
-from torch.nn.modules.batchnorm import _BatchNorm
 from torch.utils.data import DataLoader, DistributedSampler, IterableDataset, RandomSampler, SequentialSampler
+
+from d2lft.errors import ConfigError
 
 __all__ = [
     "launched",
@@ -40,14 +42,12 @@ __all__ = [
     "is_main_process",
     "setup",
     "wrap",
-    "unwrap",
-    "sync_batchnorm",
+    "check_setup",
     "shard_loader",
     "shard_eval_loader",
     "set_epoch",
     "all_reduce_sum",
     "gather_eval_shards",
-    "barrier",
 ]
 
 
@@ -129,7 +129,7 @@ def setup(device: str | torch.device) -> torch.device:
         device = torch.device("cuda", _torchrun_env()["local_rank"])
         torch.cuda.set_device(device)
     elif device.type != "cpu":
-        raise ValueError(
+        raise ConfigError(
             f"device={str(device)!r}: several processes (torchrun, WORLD_SIZE={world_size()}) can train on "
             "CUDA GPUs or on the CPU only; pass device='cuda' or device='cpu'"
         )
@@ -142,43 +142,27 @@ def setup(device: str | torch.device) -> torch.device:
     return device
 
 
+def check_setup(device: torch.device) -> None:
+    """Under torchrun, refuse to train before `setup` joined the process group (one clear line).
+
+    >>> check_setup(torch.device("cpu"))  # one process: nothing to check
+    """
+    if launched() and not (dist.is_available() and dist.is_initialized()):
+        raise ConfigError(f"launched by torchrun (WORLD_SIZE={world_size()}) but the process group is not set up: "
+                          f"call d2lft.distributed.setup({str(device.type)!r}) before fit")
+
+
 def _destroy() -> None:
     if dist.is_initialized():
         dist.destroy_process_group()
 
 
-def sync_batchnorm(module: nn.Module) -> nn.Module:
-    """Replace the *trainable* BatchNorm layers of `module` by ``nn.SyncBatchNorm`` (in place).
-
-    SyncBatchNorm computes the batch statistics over all processes' batches, as one large
-    batch would. Frozen BatchNorm layers (all parameters ``requires_grad=False``) are left
-    alone: they stay in eval mode with their pretrained statistics. The parameters and buffers
-    are the same tensors, so an optimizer made earlier still holds them. Needs CUDA to train.
-
-    >>> net = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.BatchNorm2d(4))
-    >>> net[2].requires_grad_(False)  # doctest: +ELLIPSIS
-    BatchNorm2d(...)
-    >>> [type(m).__name__ for m in sync_batchnorm(net)]
-    ['Conv2d', 'SyncBatchNorm', 'BatchNorm2d']
-    """
-    for name, child in module.named_children():
-        params = list(child.parameters(recurse=False))
-        if isinstance(child, _BatchNorm) and not isinstance(child, nn.SyncBatchNorm) and any(
-            p.requires_grad for p in params
-        ):
-            setattr(module, name, nn.SyncBatchNorm.convert_sync_batchnorm(child))
-        else:
-            sync_batchnorm(child)
-    return module
-
-
-def wrap(net: nn.Module, device: torch.device, *, sync_bn: bool = False) -> nn.Module:
+def wrap(net: nn.Module, device: torch.device) -> nn.Module:
     """``DistributedDataParallel(net)`` when training on several processes, else `net` itself.
 
     Train through the returned module (its backward pass averages the gradients across
-    processes); evaluate, save and change `net` itself (`unwrap` gets it back). DDP only
-    synchronises the parameters that train when it is made: after unfreezing, wrap again.
-    `sync_bn=True` first converts the trainable BatchNorm layers (`sync_batchnorm`; CUDA only).
+    processes); evaluate, save and change `net` itself. DDP only synchronises the parameters that
+    train when it is made: after unfreezing, wrap again.
 
     >>> net = nn.Linear(2, 1)
     >>> wrap(net, torch.device("cpu")) is net  # one process: nothing to do
@@ -186,27 +170,10 @@ def wrap(net: nn.Module, device: torch.device, *, sync_bn: bool = False) -> nn.M
     """
     if not is_distributed():
         return net
-    if sync_bn:
-        if device.type != "cuda":
-            raise ValueError(
-                f"sync_bn=True needs CUDA (torch's SyncBatchNorm does not run on {device.type}); "
-                "on the CPU leave sync_bn=False, or freeze the BatchNorm layers (ft.freeze) so they stay in eval"
-            )
-        sync_batchnorm(net)
     if not any(p.requires_grad for p in net.parameters()):
         return net  # nothing trains, so there are no gradients to average
     device_ids = [device.index] if device.type == "cuda" else None
     return nn.parallel.DistributedDataParallel(net, device_ids=device_ids)
-
-
-def unwrap(model: nn.Module) -> nn.Module:
-    """The module inside a ``DistributedDataParallel`` wrapper (or `model` itself).
-
-    >>> net = nn.Linear(2, 1)
-    >>> unwrap(net) is net
-    True
-    """
-    return model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
 
 
 def _check_shardable(loader: DataLoader) -> None:
@@ -217,7 +184,7 @@ def _check_shardable(loader: DataLoader) -> None:
             "under torchrun pass torch.utils.data.DataLoader objects (each process then reads its share)"
         )
     if isinstance(loader.dataset, IterableDataset) or loader.batch_size is None:
-        raise ValueError(
+        raise ConfigError(
             f"cannot shard a DataLoader over {type(loader.dataset).__name__} with batch_size={loader.batch_size}: "
             "several processes need a map-style dataset and a batch_size (not a batch_sampler)"
         )
@@ -260,7 +227,7 @@ def shard_loader(loader: DataLoader, *, shuffle: bool | None = None, seed: int =
     _check_shardable(loader)
     if shuffle is None:
         if not isinstance(loader.sampler, (RandomSampler, SequentialSampler)):
-            raise ValueError(
+            raise ConfigError(
                 f"cannot split a DataLoader whose sampler is a {type(loader.sampler).__name__} across "
                 f"{world_size()} processes: DistributedSampler replaces it (shuffle=True/False only); for class "
                 "imbalance under torchrun, weight the loss instead (loss_fn=nn.CrossEntropyLoss(weight=...))"
@@ -335,16 +302,3 @@ def gather_eval_shards(shard: torch.Tensor) -> torch.Tensor:
     for r, part in enumerate(parts):
         full[r :: world_size()] = part
     return full
-
-
-def barrier() -> None:
-    """Wait until every process gets here (e.g. until rank 0 has written a file others read).
-
-    >>> barrier()  # one process: returns at once
-    """
-    if not is_distributed():
-        return
-    if dist.get_backend() == "nccl":
-        dist.barrier(device_ids=[torch.cuda.current_device()])
-    else:
-        dist.barrier()

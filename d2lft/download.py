@@ -34,6 +34,7 @@ from pathlib import Path, PurePosixPath
 from tqdm.auto import tqdm
 
 from d2lft import env
+from d2lft.errors import D2LFTError
 
 __all__ = ["DownloadError", "UnsafeArchiveError", "download_url", "extract_archive", "sha1sum"]
 
@@ -43,7 +44,7 @@ _JUNK_NAMES = {".DS_Store", "Thumbs.db"}
 _TAR_FILTER_ERROR = getattr(tarfile, "FilterError", ())  # Python >= 3.11.4 / 3.10.12
 
 
-class DownloadError(RuntimeError):
+class DownloadError(D2LFTError, RuntimeError):
     """A download or an archive that could not be used; the message says what to do instead."""
 
 
@@ -71,15 +72,12 @@ def _check_sha1(sha1: str | None) -> str | None:
         return None
     value = sha1.strip().lower()
     if len(value) != 40 or any(c not in "0123456789abcdef" for c in value):
-        raise ValueError(f"sha1={sha1!r} is not a SHA-1 hex digest (expected 40 hex digits, or None)")
+        raise ConfigError(f"sha1={sha1!r} is not a SHA-1 hex digest (expected 40 hex digits, or None)")
     return value
 
 
 def _by_hand(url: str, dest: Path) -> str:
-    return (
-        f"Download {url} by hand (a browser works), save it as {dest}, or put the extracted folder under the "
-        f"data directory {env.data_dir()} (set $D2LFT_DATA_DIR to use another folder)."
-    )
+    return f"download it by hand (a browser works) and save it as {dest}"
 
 
 def download_url(
@@ -114,14 +112,14 @@ def download_url(
     expected = _check_sha1(sha1)
     scheme = urllib.parse.urlsplit(url).scheme.lower()
     if scheme not in _SCHEMES:
-        raise ValueError(f"url={url!r}: expected an http(s), ftp or file URL")
+        raise ConfigError(f"url={url!r}: expected an http(s), ftp or file URL")
     if timeout <= 0:
-        raise ValueError(f"timeout={timeout!r}: expected a positive number of seconds")
+        raise ConfigError(f"timeout={timeout!r}: expected a positive number of seconds")
 
     if dest.is_file() and (expected is None or sha1sum(dest) == expected):
         return dest
     if env.offline() if offline is None else offline:
-        raise DownloadError(f"working offline ($D2LFT_OFFLINE or offline=True): not downloading {url}. "
+        raise DownloadError(f"working offline ($D2LFT_OFFLINE or offline=True): not downloading {url}; "
                             f"{_by_hand(url, dest)}")
 
     dest.parent.mkdir(parents=True, exist_ok=True)
@@ -132,7 +130,7 @@ def download_url(
             raise DownloadError(
                 f"checksum mismatch for {url}: the downloaded file {dest} has SHA-1 {actual}, expected {expected}. "
                 f"The file was deleted; try again later (the server may have sent an error page or a changed "
-                f"file). {_by_hand(url, dest)}"
+                f"file), or {_by_hand(url, dest)}"
             )
         os.replace(part, dest)
     except BaseException:
@@ -162,19 +160,19 @@ def _stream(url: str, part: Path, *, dest: Path, progress: bool, timeout: float)
                     bar.update(len(chunk))
     except urllib.error.HTTPError as err:
         raise DownloadError(
-            f"the server answered HTTP {err.code} ({err.reason}) for {url}. {_by_hand(url, dest)}"
+            f"the server answered HTTP {err.code} ({err.reason}) for {url}; try again later, or {_by_hand(url, dest)}"
         ) from err
     # Network failures only: an OSError while writing `part` (a full disk) is not the network's fault.
     except (urllib.error.URLError, TimeoutError, ConnectionError, http.client.HTTPException) as err:
         reason = getattr(err, "reason", None) or err
         raise DownloadError(
-            f"could not download {url}: {reason} (after {received:,} bytes). Check your internet connection "
-            f"or proxy and try again. {_by_hand(url, dest)}"
+            f"could not download {url}: {reason} (after {received:,} bytes); check your internet connection "
+            f"or proxy and try again, or {_by_hand(url, dest)}"
         ) from err
     if total is not None and received != total:
         raise DownloadError(
             f"the download of {url} stopped after {received:,} of {total:,} bytes (connection closed early); "
-            f"nothing was kept, try again. {_by_hand(url, dest)}"
+            f"nothing was kept; try again, or {_by_hand(url, dest)}"
         )
     return digest.hexdigest()
 

@@ -26,6 +26,8 @@ import torch.nn.functional as F
 from torch import nn
 from torchvision.ops import StochasticDepth
 
+from d2lft.errors import ConfigError
+
 __all__ = [
     "EfficientNetLite0",
     "SamePad",
@@ -256,7 +258,7 @@ def efficientnet_lite0(*, pretrained: bool = True, **kwargs) -> EfficientNetLite
     Linear(in_features=1280, out_features=1000, bias=True)
     """
     if pretrained and kwargs.get("num_classes", 1000) != 1000:
-        raise ValueError("the pretrained classifier has 1000 ImageNet classes; load it, then replace the head "
+        raise ConfigError("the pretrained classifier has 1000 ImageNet classes; load it, then replace the head "
                          "(d2lft.create_model('efficientnet_lite0', num_classes=...) does both)")
     model = EfficientNetLite0(**kwargs)
     if pretrained:

@@ -1,8 +1,9 @@
 """Model fusion: average the class probabilities of several models.
 
 Models fine-tuned with different seeds, strategies or architectures make partly different
-mistakes; averaging their predicted probabilities (a "soft vote") cancels some of them, so the
-ensemble is usually at least as accurate as its best member, at the price of running every member.
+mistakes; averaging their predicted probabilities (a "soft vote") cancels some of them, its
+log-loss is never worse than the members' average (the log-loss is convex), and its accuracy is
+often about as good as the best member's, at the price of running every member.
 """
 from __future__ import annotations
 
@@ -13,17 +14,19 @@ from typing import Any
 import torch
 from torch import nn
 
-__all__ = ["average_predictions", "accuracy"]
+from d2lft.errors import ConfigError
+
+__all__ = ["average_predictions"]
 
 
 def _check_probs(probs: torch.Tensor, index: int) -> torch.Tensor:
     if probs.ndim != 2:
-        raise ValueError(f"average_predictions: member {index} has shape {tuple(probs.shape)}; "
+        raise ConfigError(f"average_predictions: member {index} has shape {tuple(probs.shape)}; "
                          "expected probabilities of shape (N, num_classes)")
     probs = probs.detach().float().cpu()
     sums = probs.sum(dim=1)
     if probs.numel() and (probs.min() < 0 or not torch.allclose(sums, torch.ones_like(sums), atol=1e-3)):
-        raise ValueError(
+        raise ConfigError(
             f"average_predictions: member {index} is not probabilities (rows must be >= 0 and sum to 1); "
             "if these are logits, pass logits.softmax(dim=1), or pass the model itself with a loader"
         )
@@ -53,13 +56,13 @@ def average_predictions(
     """
     members = list(members)
     if not members:
-        raise ValueError("average_predictions: no members given; pass a list of models or probability tensors")
+        raise ConfigError("average_predictions: no members given; pass a list of models or probability tensors")
     loaders = _loaders(loader, members)
     probs = []
     for i, member in enumerate(members):
         if isinstance(member, nn.Module):
             if loaders[i] is None:
-                raise ValueError(f"average_predictions: member {i} is a model ({type(member).__name__}); "
+                raise ConfigError(f"average_predictions: member {i} is a model ({type(member).__name__}); "
                                  "pass a loader to run it on")
             from d2lft.train import predict
 
@@ -70,7 +73,7 @@ def average_predictions(
         probs.append(_check_probs(member, i))
     shapes = {tuple(p.shape) for p in probs}
     if len(shapes) > 1:
-        raise ValueError(f"average_predictions: members disagree on shape {sorted(shapes)}: they must score the "
+        raise ConfigError(f"average_predictions: members disagree on shape {sorted(shapes)}: they must score the "
                          "same samples (same loader order, no shuffle) with the same classes")
     if weights is None:
         weights = [1.0] * len(probs)
@@ -78,7 +81,7 @@ def average_predictions(
     if len(weights) != len(probs) or any(
         not isinstance(w, numbers.Real) or isinstance(w, bool) or w < 0 for w in weights
     ) or sum(weights) <= 0:
-        raise ValueError(f"average_predictions: weights must be {len(probs)} numbers >= 0 with a positive sum, "
+        raise ConfigError(f"average_predictions: weights must be {len(probs)} numbers >= 0 with a positive sum, "
                          f"got {weights!r}")
     total = sum(weights)
     return sum(w / total * p for w, p in zip(weights, probs))
@@ -88,24 +91,6 @@ def _loaders(loader: Any, members: list) -> list:
     if loader is None or not isinstance(loader, (list, tuple)):
         return [loader] * len(members)
     if len(loader) != len(members):
-        raise ValueError(f"average_predictions: {len(loader)} loaders for {len(members)} members; "
+        raise ConfigError(f"average_predictions: {len(loader)} loaders for {len(members)} members; "
                          "pass one loader, or one per member")
     return list(loader)
-
-
-def accuracy(predictions: Any, targets: Any) -> float:
-    """Fraction of correct predictions; `predictions` are class indices or ``(N, C)`` scores.
-
-    >>> accuracy(torch.tensor([[0.8, 0.2], [0.6, 0.4], [0.1, 0.9]]), [0, 1, 1])
-    0.6666666666666666
-    """
-    p = torch.as_tensor(predictions).detach().cpu()
-    t = torch.as_tensor(targets).detach().cpu().long()
-    if p.ndim == 2:
-        p = p.argmax(dim=1)
-    if p.ndim != 1 or t.ndim != 1 or p.shape != t.shape:
-        raise ValueError(f"accuracy: need predictions (N,) or (N, C) and targets (N,), got shapes "
-                         f"{tuple(torch.as_tensor(predictions).shape)} and {tuple(t.shape)}")
-    if t.numel() == 0:
-        raise ValueError("accuracy: no targets given")
-    return float((p.long() == t).double().mean())

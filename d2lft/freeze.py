@@ -12,13 +12,15 @@ from __future__ import annotations
 
 import difflib
 import logging
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import torch
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
+from d2lft.errors import ConfigError
 from d2lft.net import Net
 
 __all__ = [
@@ -27,6 +29,7 @@ __all__ = [
     "train_last",
     "count_parameters",
     "set_train_mode",
+    "preserved",
     "trainable_blocks",
     "GradualUnfreezing",
 ]
@@ -46,7 +49,7 @@ def _select(module: nn.Module, names: Iterable[str] | str | None) -> list[nn.Mod
         if name not in modules:
             close = difflib.get_close_matches(name, [n for n in modules if n], n=5, cutoff=0.5)
             hint = f"close matches: {close}" if close else "list them with [n for n, _ in net.named_modules()]"
-            raise ValueError(f"no submodule named {name!r} in {type(module).__name__}; {hint}")
+            raise ConfigError(f"no submodule named {name!r} in {type(module).__name__}; {hint}")
         selected.append(modules[name])
     return selected
 
@@ -98,7 +101,7 @@ def train_last(net: Net, k: int) -> None:
     """
     blocks = net.blocks()
     if isinstance(k, bool) or not isinstance(k, int) or not 0 <= k <= len(blocks):
-        raise ValueError(
+        raise ConfigError(
             f"train_last: k must be an int from 0 (head only) to {len(blocks)} (all blocks of "
             f"{net.name!r}), got {k!r}"
         )
@@ -146,6 +149,34 @@ def set_train_mode(module: nn.Module, mode: bool = True) -> nn.Module:
     return module
 
 
+@contextmanager
+def preserved(module: nn.Module) -> Iterator[nn.Module]:
+    """Put back every layer's train/eval mode and every parameter's ``requires_grad`` and ``.grad`` on exit.
+
+    The one way d2lft saves and restores a model's state around work that changes it
+    (evaluation, prediction, feature caching, the learning-rate finder, the freeze explorer);
+    frozen BatchNorm layers keep their eval mode because each layer gets its own mode back.
+
+    >>> net = nn.Sequential(nn.Linear(2, 2), nn.BatchNorm1d(2))
+    >>> freeze(net, "1"); set_train_mode(net)[1].training
+    False
+    >>> with preserved(net):
+    ...     _ = net.eval(); unfreeze(net)
+    >>> net[0].training, net[1].training, net[1].weight.requires_grad
+    (True, False, False)
+    """
+    modes = [(m, m.training) for m in module.modules()]
+    params = [(p, p.requires_grad, p.grad) for p in module.parameters()]
+    try:
+        yield module
+    finally:
+        for m, training in modes:
+            m.training = training
+        for p, flag, grad in params:
+            p.requires_grad_(flag)
+            p.grad = grad
+
+
 def trainable_blocks(net: Net) -> list[str]:
     """Names of the blocks (and ``"head"``) that have at least one trainable parameter.
 
@@ -154,19 +185,14 @@ def trainable_blocks(net: Net) -> list[str]:
     >>> trainable_blocks(net)
     ['backbone.0', 'backbone.1', 'head']
     """
-    units = [*net.blocks(), ("head", net.head)]
-    return [name for name, m in units if any(p.requires_grad for p in m.parameters())]
+    return [name for name, params in net.parts() if name != "backbone.other" and any(p.requires_grad for p in params)]
 
 
 class GradualUnfreezing:
     """Callback: train the head first, then unfreeze one more block from the top every `every` epochs.
 
-    Callback protocol (what `d2lft.fit` calls; both methods are optional on a callback)::
-
-        on_epoch_start(epoch, net, optimizer)            # epoch counts from 0, before training it
-        on_epoch_end(epoch, net, optimizer, history)
-
-    During epochs ``0 .. every-1`` only the head trains, during ``every .. 2*every-1`` the head and
+    A `d2lft.fit` callback: its ``on_epoch_start(run)`` runs before each epoch trains (``run.epoch``
+    counts from 0). During epochs ``0 .. every-1`` only the head trains, during ``every .. 2*every-1`` the head and
     the last block, and so on, up to `max_blocks` (default: all). It owns the net's
     ``requires_grad`` flags: every epoch start calls ``train_last(net, k)``. Call it before
     `set_train_mode` so newly unfrozen BatchNorm layers train in the same epoch.
@@ -182,10 +208,9 @@ class GradualUnfreezing:
 
     >>> backbone = nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 4))
     >>> net = Net(backbone, nn.Linear(4, 2), blocks=["0", "1"], num_features=4, name="toy")
-    >>> opt = torch.optim.SGD(net.parameters(), lr=0.1)
     >>> cb = GradualUnfreezing(every=2)
     >>> for epoch in range(4):
-    ...     cb.on_epoch_start(epoch, net, opt)
+    ...     cb.unfreeze(net, epoch)
     ...     print(epoch, trainable_blocks(net))
     0 ['head']
     1 ['head']
@@ -195,11 +220,11 @@ class GradualUnfreezing:
 
     def __init__(self, every: int = 1, *, max_blocks: int | None = None, lr: float | None = None) -> None:
         if isinstance(every, bool) or not isinstance(every, int) or every < 1:
-            raise ValueError(f"GradualUnfreezing: every must be an int >= 1 (epochs per block), got {every!r}")
+            raise ConfigError(f"GradualUnfreezing: every must be an int >= 1 (epochs per block), got {every!r}")
         if max_blocks is not None and (not isinstance(max_blocks, int) or max_blocks < 0):
-            raise ValueError(f"GradualUnfreezing: max_blocks must be None or an int >= 0, got {max_blocks!r}")
+            raise ConfigError(f"GradualUnfreezing: max_blocks must be None or an int >= 0, got {max_blocks!r}")
         if lr is not None and not (isinstance(lr, (int, float)) and 0 < lr < float("inf")):
-            raise ValueError(f"GradualUnfreezing: lr must be None or a positive finite float, got {lr!r}")
+            raise ConfigError(f"GradualUnfreezing: lr must be None or a positive finite float, got {lr!r}")
         self.every = every
         self.max_blocks = max_blocks
         self.lr = lr
@@ -211,8 +236,12 @@ class GradualUnfreezing:
         limit = num_blocks if self.max_blocks is None else min(self.max_blocks, num_blocks)
         return min(epoch // self.every, limit)
 
-    def on_epoch_start(self, epoch: int, net: Net, optimizer: torch.optim.Optimizer | None = None) -> None:
-        """Set the trainable blocks for `epoch` and make sure the optimizer holds them."""
+    def on_epoch_start(self, run: Any) -> None:
+        """Set the trainable blocks for ``run.epoch`` and make sure ``run.optimizer`` holds them."""
+        self.unfreeze(run.net, run.epoch, run.optimizer)
+
+    def unfreeze(self, net: Net, epoch: int, optimizer: torch.optim.Optimizer | None = None) -> None:
+        """Set the trainable blocks of `net` for `epoch` (0-based); add missing ones to `optimizer`."""
         k = max(self.unfrozen_, self.blocks_at(epoch, len(net.blocks())))
         if k != self.unfrozen_:
             logger.info("epoch %d: training the last %d block(s) and the head", epoch, k)
@@ -242,9 +271,6 @@ class GradualUnfreezing:
             name,
             lr,
         )
-
-    def on_epoch_end(self, epoch: int, net: Net, optimizer: Any = None, history: Any = None) -> None:
-        """Nothing to do at the end of an epoch (here for the protocol)."""
 
     def state_dict(self) -> dict[str, Any]:
         """What a checkpoint needs to resume: the settings and how many blocks are unfrozen."""

@@ -19,6 +19,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from d2lft.errors import D2LFTError
+
 __all__ = ["IMAGE_EXTENSIONS", "BadImageError", "is_image_file", "load_image"]
 
 #: File name endings treated as images (compared in lower case).
@@ -46,7 +48,7 @@ _ORIENTATION_TO_TRANSPOSE = {
 }
 
 
-class BadImageError(ValueError):
+class BadImageError(D2LFTError, ValueError):
     """A file that cannot be used as an image; ``.path`` and ``.reason`` say which and why.
 
     >>> err = BadImageError("cat.jpg", "the file is empty (0 bytes)")

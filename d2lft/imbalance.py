@@ -8,7 +8,7 @@ the common class is usually right. Two standard corrections, both from PyTorch i
 * `balanced_sampler`, a ``WeightedRandomSampler`` that draws each class equally often.
 
 Plain accuracy hides the problem (predicting "always the common class" scores well), so measure
-`per_class_recall` and its mean, `balanced_accuracy`.
+`d2lft.metrics.per_class_recall` and its mean, `balanced_accuracy`.
 """
 from __future__ import annotations
 
@@ -20,13 +20,13 @@ from typing import Any
 import torch
 from torch.utils.data import Dataset, Subset, TensorDataset, WeightedRandomSampler
 
+from d2lft.errors import ConfigError
+
 __all__ = [
     "class_counts",
     "class_weights",
     "balanced_sampler",
     "imbalanced_subset",
-    "per_class_recall",
-    "balanced_accuracy",
 ]
 
 
@@ -51,12 +51,12 @@ def _targets(data: Any) -> torch.Tensor:
         labels = data
     labels = torch.as_tensor(labels).detach().cpu()
     if labels.ndim != 1 or labels.is_floating_point() or labels.is_complex() or labels.dtype == torch.bool:
-        raise ValueError(
+        raise ConfigError(
             f"expected class indices (a 1-D integer sequence), got a {labels.dtype} tensor of shape "
             f"{tuple(labels.shape)}; a regression target has no classes to balance"
         )
     if labels.numel() and labels.min() < 0:
-        raise ValueError(f"class indices must be >= 0, found {int(labels.min())}")
+        raise ConfigError(f"class indices must be >= 0, found {int(labels.min())}")
     return labels.long()
 
 
@@ -64,12 +64,12 @@ def _num_classes(labels: torch.Tensor, num_classes: int | None, *, where: str) -
     seen = int(labels.max()) + 1 if labels.numel() else 0
     if num_classes is None:
         if seen == 0:
-            raise ValueError(f"{where}: no targets given, so the number of classes is unknown")
+            raise ConfigError(f"{where}: no targets given, so the number of classes is unknown")
         return seen
     if isinstance(num_classes, bool) or not isinstance(num_classes, numbers.Integral) or num_classes < 1:
-        raise ValueError(f"{where}: num_classes must be an int >= 1, got {num_classes!r}")
+        raise ConfigError(f"{where}: num_classes must be an int >= 1, got {num_classes!r}")
     if seen > num_classes:
-        raise ValueError(f"{where}: found class index {seen - 1} but num_classes={num_classes}; is num_classes right?")
+        raise ConfigError(f"{where}: found class index {seen - 1} but num_classes={num_classes}; is num_classes right?")
     return int(num_classes)
 
 
@@ -102,11 +102,11 @@ def class_weights(targets: Any, num_classes: int | None = None, *, power: float 
     >>> loss_fn = torch.nn.CrossEntropyLoss(weight=class_weights([0, 0, 0, 1]))
     """
     if not isinstance(power, numbers.Real) or isinstance(power, bool) or not 0 <= power < math.inf:
-        raise ValueError(f"class_weights: power must be a finite number >= 0 (1: full correction), got {power!r}")
+        raise ConfigError(f"class_weights: power must be a finite number >= 0 (1: full correction), got {power!r}")
     counts = class_counts(targets, num_classes)
     empty = [i for i, n in enumerate(counts.tolist()) if n == 0]
     if empty:
-        raise ValueError(
+        raise ConfigError(
             f"class_weights: class {empty} has no samples, so its weight would be infinite; "
             "check the split (every class needs at least one training example) or num_classes"
         )
@@ -139,12 +139,12 @@ def balanced_sampler(
     labels = _targets(targets)
     counts = class_counts(labels, num_classes)
     if labels.numel() == 0:
-        raise ValueError("balanced_sampler: no targets given")
+        raise ConfigError("balanced_sampler: no targets given")
     per_sample = 1.0 / counts.double()[labels]
     if num_samples is None:
         num_samples = labels.numel()
     if isinstance(num_samples, bool) or not isinstance(num_samples, numbers.Integral) or num_samples < 1:
-        raise ValueError(f"balanced_sampler: num_samples must be an int >= 1, got {num_samples!r}")
+        raise ConfigError(f"balanced_sampler: num_samples must be an int >= 1, got {num_samples!r}")
     generator = torch.Generator().manual_seed(seed) if seed is not None else None
     return WeightedRandomSampler(per_sample, int(num_samples), replacement=replacement, generator=generator)
 
@@ -189,50 +189,21 @@ def _fractions(ratios: Any, num_classes: int, classes: list[str]) -> list[float]
         for key, value in ratios.items():
             if isinstance(key, str):
                 if key not in classes:
-                    raise ValueError(f"imbalanced_subset: unknown class {key!r}; the dataset's classes are {classes}")
+                    raise ConfigError(f"imbalanced_subset: unknown class {key!r}; the dataset's classes are {classes}")
                 index = classes.index(key)
             else:
                 index = int(key)
                 if not 0 <= index < num_classes:
-                    raise ValueError(f"imbalanced_subset: class index {key!r} out of range [0, {num_classes - 1}]")
+                    raise ConfigError(f"imbalanced_subset: class index {key!r} out of range [0, {num_classes - 1}]")
             fractions[index] = value
     else:
         fractions = list(ratios)
         if len(fractions) != num_classes:
-            raise ValueError(
+            raise ConfigError(
                 f"imbalanced_subset: {len(fractions)} ratios for {num_classes} classes; give one fraction per "
                 "class, or a dict {class: fraction}"
             )
     for f in fractions:
         if not isinstance(f, numbers.Real) or isinstance(f, bool) or not 0 < f <= 1:
-            raise ValueError(f"imbalanced_subset: each ratio must be a fraction in (0, 1], got {f!r}")
+            raise ConfigError(f"imbalanced_subset: each ratio must be a fraction in (0, 1], got {f!r}")
     return [float(f) for f in fractions]
-
-
-def per_class_recall(targets: Any, predictions: Any, num_classes: int) -> torch.Tensor:
-    """For each class, the fraction of its samples predicted as that class (NaN for an absent class).
-
-    `predictions` may be class indices or ``(N, C)`` scores/probabilities (argmax is taken).
-
-    >>> per_class_recall([0, 0, 1, 1], [0, 0, 0, 1], 2)
-    tensor([1.0000, 0.5000])
-    """
-    from d2lft.plot import confusion_matrix
-
-    counts = confusion_matrix(targets, predictions, num_classes).double()
-    totals = counts.sum(dim=1)
-    recall = counts.diagonal() / totals
-    return recall.float()
-
-
-def balanced_accuracy(targets: Any, predictions: Any, num_classes: int) -> float:
-    """Mean of `per_class_recall` over the classes present: 1/K for "always the common class".
-
-    >>> balanced_accuracy([0, 0, 0, 1], [0, 0, 0, 0], 2)
-    0.5
-    """
-    recall = per_class_recall(targets, predictions, num_classes)
-    present = recall[~recall.isnan()]
-    if present.numel() == 0:
-        raise ValueError("balanced_accuracy: no targets given")
-    return float(present.mean())

@@ -7,7 +7,9 @@ from pathlib import Path
 import torch
 from PIL import Image
 
+from d2lft.errors import ConfigError
 from d2lft.images import load_image
+from d2lft.loop import Runner, eval_outputs
 from d2lft.net import Net
 
 __all__ = ["classify"]
@@ -30,17 +32,14 @@ def classify(
     'military uniform'
     """
     if net.categories is None:
-        raise ValueError(f"{net.name}: the head has no class names (it was replaced); pass a net with its own head")
+        raise ConfigError(f"{net.name}: the head has no class names (it was replaced); pass a net with its own head")
     if not images:
-        raise ValueError("classify: no images given")
+        raise ConfigError("classify: no images given")
     topk = min(topk, len(net.categories))
     preprocess = net.transforms(crop_fraction=crop_fraction)
     batch = torch.stack([preprocess(img if isinstance(img, Image.Image) else load_image(img)) for img in images])
-    device = next(net.parameters()).device
-    was_training = net.training
-    net.eval()
-    probs = net(batch.to(device)).softmax(dim=1).cpu()
-    net.train(was_training)
+    (logits, _), = eval_outputs(net, [batch], runner=Runner.for_net(net))
+    probs = logits.float().softmax(dim=1).cpu()
     values, indices = probs.topk(topk, dim=1)
     return [
         [(net.categories[i], float(v)) for v, i in zip(row_v.tolist(), row_i.tolist())]

@@ -20,17 +20,18 @@ from torchvision import models as tvm
 
 from d2lft.efficientnet_lite import LITE0_IMAGE_SIZE, LITE0_MEAN, LITE0_STD, efficientnet_lite0
 from d2lft.env import offline
-from d2lft.net import Net
+from d2lft.errors import ConfigError, D2LFTError
+from d2lft.metrics import TASKS
+from d2lft.net import Net, Preprocessing
 
-__all__ = ["WeightsUnavailableError", "create_model", "replace_head", "summary", "list_models", "TASKS"]
+__all__ = ["WeightsUnavailableError", "create_model", "replace_head", "summary", "list_models"]
 
-TASKS = ("classification", "regression")
 HEAD_INITS = ("xavier", "default")
 
 Parts = tuple[OrderedDict, nn.Linear]  # (backbone children from input to output, head)
 
 
-class WeightsUnavailableError(RuntimeError):
+class WeightsUnavailableError(D2LFTError, RuntimeError):
     """Pretrained weights are neither in the torch hub cache nor downloadable."""
 
 
@@ -152,21 +153,24 @@ def _build(name: str, *, pretrained: bool, progress: bool) -> Net:
     """The model with its original 1000-class head, split into a `Net`."""
     if name == "efficientnet_lite0":
         parts, head = _split_lite0(efficientnet_lite0(pretrained=pretrained))
-        mean, std, size, categories = LITE0_MEAN, LITE0_STD, LITE0_IMAGE_SIZE, _imagenet_categories()
+        preprocessing = Preprocessing(mean=LITE0_MEAN, std=LITE0_STD, image_size=LITE0_IMAGE_SIZE)
+        categories = _imagenet_categories()
     else:
         weights = tvm.get_model_weights(name).DEFAULT
         model = tvm.get_model(name, weights=None)
         if pretrained:
             model.load_state_dict(_torchvision_state_dict(name, weights, progress=progress), strict=True)
         preprocess = weights.transforms()
-        mean, std, size = preprocess.mean, preprocess.std, preprocess.crop_size[0]
+        preprocessing = Preprocessing(mean=preprocess.mean, std=preprocess.std, image_size=preprocess.crop_size[0],
+                                      crop_fraction=preprocess.crop_size[0] / preprocess.resize_size[0],
+                                      interpolation=preprocess.interpolation.value)
         categories = weights.meta["categories"]
         parts, head = _TORCHVISION[name](model)
     backbone = nn.Sequential(parts)
     blocks = [n for n, child in backbone.named_children() if any(True for _ in child.parameters())]
     return Net(
         backbone, head, blocks=blocks, num_features=head.in_features, name=name,
-        mean=mean, std=std, image_size=size, categories=categories if pretrained else None,
+        preprocessing=preprocessing, categories=categories if pretrained else None,
     )
 
 
@@ -199,16 +203,16 @@ def create_model(
     ['backbone.stem', 'backbone.stage1', 'backbone.stage2']
     """
     if name not in list_models():
-        raise ValueError(f"unknown model {name!r}; choose one of: {', '.join(list_models())}")
+        raise ConfigError(f"unknown model {name!r}; choose one of: {', '.join(list_models())}")
     if task not in TASKS:
-        raise ValueError(f"task={task!r}; expected one of {TASKS}")
+        raise ConfigError(f"task={task!r}; expected one of {TASKS}")
     if task == "regression":
         if num_classes not in (None, 1):
-            raise ValueError(f"task='regression' predicts one value; got num_classes={num_classes}")
+            raise ConfigError(f"task='regression' predicts one value; got num_classes={num_classes}")
         num_classes = 1
     if num_classes is not None and (isinstance(num_classes, bool) or not isinstance(num_classes, int)
                                     or num_classes < 1):
-        raise ValueError(f"num_classes={num_classes!r}; expected a positive int (or None for ImageNet's 1000)")
+        raise ConfigError(f"num_classes={num_classes!r}; expected a positive int (or None for ImageNet's 1000)")
     net = _build(name, pretrained=pretrained, progress=progress)
     if num_classes is not None:
         replace_head(net, num_classes)
@@ -227,9 +231,9 @@ def replace_head(net: Net, num_outputs: int, *, init: str = "xavier") -> Net:
     Linear(in_features=512, out_features=3, bias=True)
     """
     if isinstance(num_outputs, bool) or not isinstance(num_outputs, int) or num_outputs < 1:
-        raise ValueError(f"num_outputs={num_outputs!r}; expected a positive int")
+        raise ConfigError(f"num_outputs={num_outputs!r}; expected a positive int")
     if init not in HEAD_INITS:
-        raise ValueError(f"init={init!r}; expected one of {HEAD_INITS}")
+        raise ConfigError(f"init={init!r}; expected one of {HEAD_INITS}")
     head = nn.Linear(net.num_features, num_outputs)
     if init == "xavier":
         nn.init.xavier_uniform_(head.weight)
@@ -261,12 +265,8 @@ def summary(net: Net) -> str:
     head                   1,026       1,026
     total             11,177,538  11,177,538
     """
-    rows = [(name, *_counts(module.parameters())) for name, module in net.blocks()]
-    rows.append(("head", *_counts(net.head.parameters())))
+    rows = [(name, *_counts(params)) for name, params in net.parts()]
     total = _counts(net.parameters())
-    listed = (sum(r[1] for r in rows), sum(r[2] for r in rows))
-    if listed != total:  # parameters outside the blocks and the head (a hand-made Net)
-        rows.append(("other", total[0] - listed[0], total[1] - listed[1]))
     rows.append(("total", *total))
     width = max(len("block"), *(len(r[0]) for r in rows))
     num = max(len("trainable"), len(f"{total[0]:,}"))

@@ -3,8 +3,9 @@
 * `param_groups` gives the head a larger learning rate than the pretrained backbone and, with
   ``layer_decay``, smaller rates for deeper (earlier) blocks. Every group carries a real ``"lr"``
   (not a scale factor that some other code must remember to apply) and a ``"name"``.
+* `make_optimizer` is the one place an optimizer is built from such groups (AdamW or SGD).
 * `make_scheduler` builds a per-batch schedule from ``torch.optim.lr_scheduler``.
-* `lr_find` sweeps the learning rate upward over a few batches and suggests one.
+* `lr_find` sweeps the learning rate upward over a few batches of `d2lft.fit` and suggests one.
 """
 from __future__ import annotations
 
@@ -19,13 +20,15 @@ import numpy as np
 import torch
 from torch import nn
 from torch.optim import lr_scheduler
-from tqdm.auto import tqdm
 
-from d2lft.freeze import set_train_mode
+from d2lft.errors import ConfigError
+from d2lft.freeze import preserved
 from d2lft.net import Net
 
 __all__ = [
     "param_groups",
+    "make_optimizer",
+    "OPTIMIZERS",
     "make_scheduler",
     "schedule_curve",
     "SCHEDULERS",
@@ -34,6 +37,7 @@ __all__ = [
 ]
 
 SCHEDULERS = ("constant", "step", "cosine", "warmup_cosine", "onecycle")
+OPTIMIZERS = ("adamw", "sgd")
 
 
 def _is_real(value: Any) -> bool:
@@ -42,13 +46,13 @@ def _is_real(value: Any) -> bool:
 
 def _check_positive(name: str, value: Any, *, where: str) -> float:
     if not _is_real(value) or not (0 < value < math.inf):
-        raise ValueError(f"{where}: {name} must be a positive finite number, got {value!r}")
+        raise ConfigError(f"{where}: {name} must be a positive finite number, got {value!r}")
     return float(value)
 
 
 def _check_count(name: str, value: Any, *, where: str, minimum: int = 1) -> int:
     if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < minimum:
-        raise ValueError(f"{where}: {name} must be an int >= {minimum}, got {value!r}")
+        raise ConfigError(f"{where}: {name} must be an int >= {minimum}, got {value!r}")
     return int(value)
 
 
@@ -56,7 +60,7 @@ def _check_count(name: str, value: Any, *, where: str, minimum: int = 1) -> int:
 
 
 def param_groups(
-    net: Net,
+    net: nn.Module,
     *,
     lr: float,
     head_lr_mult: float = 10.0,
@@ -66,18 +70,20 @@ def param_groups(
 ) -> list[dict[str, Any]]:
     """Optimizer parameter groups with discriminative learning rates.
 
-    Learning rates (``n`` = number of backbone blocks, block ``i`` counted from the top, so
-    ``i = 0`` is the block next to the head):
+    Learning rates for a `Net` (``n`` = number of backbone blocks, block ``i`` counted from the
+    top, so ``i = 0`` is the block next to the head):
 
     * head: ``lr * head_lr_mult``;
     * without `layer_decay`: the whole backbone ``lr`` (one group, ``"backbone"``);
     * with `layer_decay` ``d``: block ``i`` gets ``lr * d ** (i + 1)`` (one group per block,
-      named like the block, e.g. ``"backbone.stage7"``); backbone parameters outside the listed
-      blocks get the smallest rate, ``lr * d ** n`` (group ``"backbone.other"``).
+      named like the block, e.g. ``"backbone.stage7"``): the block next to the head ``lr * d``,
+      the first block ``lr * d ** n``; backbone parameters outside the listed blocks get the
+      smallest rate, ``lr * d ** n`` (group ``"backbone.other"``).
 
-    With ``weight_decay > 0`` each group is split: biases and norm weights (every parameter with
-    ``ndim <= 1``) go to a ``"<name>.no_decay"`` group with ``weight_decay=0``. Every group sets
-    ``weight_decay`` explicitly, so the optimizer's own default (AdamW: 0.01) does not apply.
+    Any other module gets one group, ``"params"``, at ``lr``. With ``weight_decay > 0`` each group
+    is split: biases and norm weights (every parameter with ``ndim <= 1``) go to a
+    ``"<name>.no_decay"`` group with ``weight_decay=0``. Every group sets ``weight_decay``
+    explicitly, so the optimizer's own default (AdamW: 0.01) does not apply.
 
     By default frozen parameters are included too: their ``grad`` is None, so torch optimizers
     skip them, and unfreezing them later needs no change to the optimizer. ``trainable_only=True``
@@ -94,54 +100,61 @@ def param_groups(
     if layer_decay is not None:
         layer_decay = _check_positive("layer_decay", layer_decay, where=where)
         if layer_decay > 1:
-            raise ValueError(f"{where}: layer_decay must be in (0, 1] (deeper blocks learn slower), "
-                             f"got {layer_decay!r}")
+            raise ConfigError(f"{where}: layer_decay must be in (0, 1] (deeper blocks learn slower), "
+                              f"got {layer_decay!r}")
     if not _is_real(weight_decay) or not 0 <= weight_decay < math.inf:
-        raise ValueError(f"{where}: weight_decay must be a finite number >= 0, got {weight_decay!r}")
-    if not (hasattr(net, "blocks") and hasattr(net, "head") and hasattr(net, "backbone")):
-        raise TypeError(f"{where}: expected a d2lft.Net (with .backbone, .head, .blocks()), "
-                        f"got {type(net).__name__}")
+        raise ConfigError(f"{where}: weight_decay must be a finite number >= 0, got {weight_decay!r}")
+    if not isinstance(net, nn.Module):
+        raise TypeError(f"{where}: expected an nn.Module (a d2lft.Net gets per-block rates), got {type(net).__name__}")
 
-    # (group name, lr, modules) from input to output
-    blocks = net.blocks()
-    units: list[tuple[str, float, list[nn.Module]]] = []
-    if layer_decay is None:
-        units.append(("backbone", lr, [net.backbone]))
+    # (group name, lr, parameters) from input to output
+    if not isinstance(net, Net):
+        units = [("params", lr, list(net.parameters()))]
+    elif layer_decay is None:
+        units = [("backbone", lr, [p for name, ps in net.parts() if name != "head" for p in ps])]
+        units.append(("head", lr * head_lr_mult, dict(net.parts())["head"]))
     else:
-        n = len(blocks)
-        for j, (name, block) in enumerate(blocks):
-            i = n - 1 - j  # position from the top
-            units.append((name, lr * layer_decay ** (i + 1), [block]))
-        units.insert(0, ("backbone.other", lr * layer_decay**n, [net.backbone]))  # what no block claims
-    units.append(("head", lr * head_lr_mult, [net.head]))
-
-    # Assign each parameter once: blocks and head first, then the "backbone.other" catch-all.
-    seen: set[int] = set()
-    collected: dict[str, list[nn.Parameter]] = {}
-    for name, _, modules in sorted(units, key=lambda u: u[0] == "backbone.other"):
-        params = []
-        for m in modules:
-            for p in m.parameters():
-                if id(p) not in seen and (p.requires_grad or not trainable_only):
-                    seen.add(id(p))
-                    params.append(p)
-        collected[name] = params
+        parts = net.parts()
+        n = len(net.block_names)
+        rates = {name: lr * layer_decay ** (n - j) for j, (name, _) in enumerate(parts[:n])}
+        rates.update({"backbone.other": lr * layer_decay**n, "head": lr * head_lr_mult})
+        order = ["backbone.other"] + [name for name, _ in parts if name != "backbone.other"]
+        units = [(name, rates[name], dict(parts)[name]) for name in order if name in dict(parts)]
 
     groups: list[dict[str, Any]] = []
-    for name, group_lr, _ in units:
-        params = collected[name]
+    for name, group_lr, params in units:
+        params = [p for p in params if p.requires_grad or not trainable_only]
         if weight_decay > 0:
-            parts = [(name, [p for p in params if p.ndim > 1], float(weight_decay)),
+            split = [(name, [p for p in params if p.ndim > 1], float(weight_decay)),
                      (f"{name}.no_decay", [p for p in params if p.ndim <= 1], 0.0)]
         else:
-            parts = [(name, params, 0.0)]
-        for part_name, part, wd in parts:
+            split = [(name, params, 0.0)]
+        for part_name, part, wd in split:
             if part:
                 groups.append({"params": part, "lr": group_lr, "weight_decay": wd, "name": part_name})
-    if not groups:
-        raise ValueError(f"{where}: no parameters to optimise in {net.name!r}: all are frozen and "
-                         "trainable_only=True; unfreeze some (d2lft.train_last) first")
+    if not any(p.requires_grad for g in groups for p in g["params"]):
+        raise ConfigError(f"{where}: {getattr(net, 'name', type(net).__name__)!r} has no trainable parameters "
+                          "(all are frozen); unfreeze some first (d2lft.unfreeze / d2lft.train_last)")
     return groups
+
+
+def make_optimizer(groups: list[dict[str, Any]] | Iterable[nn.Parameter], name: str = "adamw", *,
+                   lr: float | None = None) -> torch.optim.Optimizer:
+    """An optimizer over `groups` (from `param_groups`, whose learning rates and decays it keeps).
+
+    ``"adamw"``: ``torch.optim.AdamW``; ``"sgd"``: ``torch.optim.SGD`` with momentum 0.9. `lr` is
+    only needed for plain parameters (groups carry their own).
+
+    >>> net = nn.Linear(2, 2)
+    >>> make_optimizer(param_groups(net, lr=0.1), "sgd").param_groups[0]["lr"]
+    0.1
+    """
+    if name not in OPTIMIZERS:
+        raise ConfigError(f"optimizer={name!r}: expected one of {OPTIMIZERS}")
+    options = {} if lr is None else {"lr": lr}
+    if name == "sgd":
+        return torch.optim.SGD(groups, momentum=0.9, **options)
+    return torch.optim.AdamW(groups, **options)
 
 
 # ----------------------------------------------------------------------------- schedules
@@ -181,7 +194,7 @@ def make_scheduler(
     """
     where = f"make_scheduler({name!r})"
     if name not in SCHEDULERS:
-        raise ValueError(f"make_scheduler: unknown schedule {name!r}; choose one of {list(SCHEDULERS)}")
+        raise ConfigError(f"make_scheduler: unknown schedule {name!r}; choose one of {list(SCHEDULERS)}")
     epochs = _check_count("epochs", epochs, where=where)
     steps_per_epoch = _check_count("steps_per_epoch", steps_per_epoch, where=where)
     total = epochs * steps_per_epoch
@@ -198,20 +211,20 @@ def make_scheduler(
         return lr_scheduler.CosineAnnealingLR(optimizer, T_max=total)
 
     if not _is_real(warmup_epochs) or not 0 <= warmup_epochs < epochs:
-        raise ValueError(f"{where}: warmup_epochs must be >= 0 and less than epochs={epochs}, got {warmup_epochs!r}")
+        raise ConfigError(f"{where}: warmup_epochs must be >= 0 and less than epochs={epochs}, got {warmup_epochs!r}")
     if name == "warmup_cosine":
         warmup = round(warmup_epochs * steps_per_epoch)
         if warmup == 0:
             return lr_scheduler.CosineAnnealingLR(optimizer, T_max=total)
         if not 0 < warmup_start <= 1:
-            raise ValueError(f"{where}: warmup_start must be in (0, 1], got {warmup_start!r}")
+            raise ConfigError(f"{where}: warmup_start must be in (0, 1], got {warmup_start!r}")
         warm = lr_scheduler.LinearLR(optimizer, start_factor=warmup_start, end_factor=1.0, total_iters=warmup)
         cool = lr_scheduler.CosineAnnealingLR(optimizer, T_max=total - warmup)
         return lr_scheduler.SequentialLR(optimizer, schedulers=[warm, cool], milestones=[warmup])
 
     # onecycle
     if warmup_epochs <= 0:
-        raise ValueError(f"{where}: onecycle needs warmup_epochs > 0 (the rising part), got {warmup_epochs!r}")
+        raise ConfigError(f"{where}: onecycle needs warmup_epochs > 0 (the rising part), got {warmup_epochs!r}")
     defaults = optimizer.defaults
     has_momentum = "betas" in defaults or defaults.get("momentum", 0) > 0
     return lr_scheduler.OneCycleLR(
@@ -285,7 +298,7 @@ def suggest_lr(lrs: list[float], losses: list[float]) -> float:
     -3
     """
     if len(lrs) != len(losses) or not lrs:
-        raise ValueError(f"suggest_lr: need as many losses as lrs (at least one), "
+        raise ConfigError(f"suggest_lr: need as many losses as lrs (at least one), "
                          f"got {len(lrs)} and {len(losses)}")
     x = np.log10(np.asarray(lrs, dtype=float))
     y = np.asarray(losses, dtype=float)
@@ -305,15 +318,59 @@ def suggest_lr(lrs: list[float], losses: list[float]) -> float:
     return float(lrs[best])
 
 
-def _cycle(loader: Iterable) -> Iterator:
-    """Batches of `loader`, starting over at its end (without caching them, unlike itertools.cycle)."""
-    while True:
-        empty = True
-        for batch in loader:
-            empty = False
-            yield batch
-        if empty:
-            raise ValueError("lr_find: the loader yielded no batches; check the dataset and batch_size")
+class _Batches:
+    """`num_iter` batches of `loader`, starting over at its end (without caching them)."""
+
+    def __init__(self, loader: Iterable, num_iter: int) -> None:
+        self.loader, self.num_iter = loader, num_iter
+
+    def __len__(self) -> int:
+        return self.num_iter
+
+    def __iter__(self) -> Iterator:
+        given = 0
+        while given < self.num_iter:
+            empty = True
+            for batch in self.loader:
+                empty = False
+                yield batch
+                given += 1
+                if given == self.num_iter:
+                    return
+            if empty:
+                raise ConfigError("lr_find: the loader yielded no batches; check the dataset and batch_size")
+
+
+class LRFinder:
+    """The learning-rate range test as a `d2lft.fit` callback: record each batch's loss, stop on divergence.
+
+    The learning rate of batch ``i`` is ``start_lr * gamma ** i`` (an ``ExponentialLR`` made by
+    `lr_find`); the loss is smoothed with an exponential moving average (weight `smooth` on the
+    newest batch, bias-corrected) and the run stops when it exceeds `diverge` times its lowest
+    value or becomes non-finite.
+    """
+
+    def __init__(self, *, start_lr: float, gamma: float, smooth: float, diverge: float) -> None:
+        self.start_lr, self.gamma, self.smooth, self.diverge = start_lr, gamma, smooth, diverge
+        self.lrs_: list[float] = []
+        self.raw_: list[float] = []
+        self.smoothed_: list[float] = []
+        self.diverged_ = False
+        self._avg, self._best = 0.0, math.inf
+
+    def on_batch_end(self, run: Any) -> None:
+        value = float(run.loss)
+        self.lrs_.append(self.start_lr * self.gamma ** len(self.lrs_))
+        self.raw_.append(value)
+        self._avg = (1 - self.smooth) * self._avg + self.smooth * value
+        current = self._avg / (1 - (1 - self.smooth) ** len(self.raw_))
+        self.smoothed_.append(current)
+        self._best = min(self._best, current)
+        if not math.isfinite(current) or current > self.diverge * self._best:
+            from d2lft.callbacks import StopReason
+
+            self.diverged_ = True
+            run.stop, run.stop_message = StopReason.CALLBACK, "lr_find: the loss diverged"
 
 
 def lr_find(
@@ -336,97 +393,58 @@ def lr_find(
     """Train briefly with an exponentially growing learning rate and suggest one; the net is restored.
 
     The base learning rate grows from `start_lr` to `end_lr` over `num_iter` batches (default
-    100; the loader is cycled if shorter) with ``ExponentialLR``. The optimizer ("sgd" with
-    momentum 0.9, or "adamw") gets the trainable parameters in groups from
-    ``param_groups(net, lr=..., head_lr_mult=..., layer_decay=...)``, so all groups are scaled
-    together and keep their ratios; the reported ``lrs`` and ``suggestion`` are the base ``lr``
-    to pass to `param_groups` with the same options.
+    100; the loader is cycled if shorter) with ``ExponentialLR``, in `d2lft.fit` with an
+    `LRFinder` callback (so the sweep runs exactly like training: same step, precision and
+    memory format). The optimizer (`make_optimizer`: "sgd" or "adamw") gets the trainable
+    parameters in groups from ``param_groups(net, lr=..., head_lr_mult=..., layer_decay=...)``,
+    so all groups are scaled together and keep their ratios; the reported ``lrs`` and
+    ``suggestion`` are the base ``lr`` to pass to `param_groups` with the same options.
 
-    The loss is smoothed with an exponential moving average (weight `smooth` on the newest batch,
-    bias-corrected); the sweep stops when the smoothed loss exceeds `diverge` times its lowest
-    value or becomes non-finite. The suggestion is `suggest_lr` of the smoothed curve: the steepest
-    descent before the minimum (or lr at the minimum / 10 when the curve is too short).
-
-    Afterwards the net's weights and buffers (``state_dict``), each module's train/eval mode and
-    the ``requires_grad`` flags are as before; gradients are cleared. Inputs go to `device`
-    (default: where the net's parameters are).
+    The suggestion is `suggest_lr` of the smoothed curve: the steepest descent before the minimum
+    (or lr at the minimum / 10 when the curve is too short). Afterwards the net's weights and
+    buffers, each module's train/eval mode, the ``requires_grad`` flags and the device are as
+    before.
 
     Example (``loader`` yields ``(images, targets)`` batches)::
 
         result = d2lft.lr_find(net, data.train)
         result.suggestion, result.plot()
     """
+    from d2lft.train import fit
+
     where = "lr_find"
     start_lr = _check_positive("start_lr", start_lr, where=where)
     end_lr = _check_positive("end_lr", end_lr, where=where)
     if end_lr <= start_lr:
-        raise ValueError(f"{where}: end_lr ({end_lr!r}) must be larger than start_lr ({start_lr!r})")
+        raise ConfigError(f"{where}: end_lr ({end_lr!r}) must be larger than start_lr ({start_lr!r})")
     num_iter = 100 if num_iter is None else _check_count("num_iter", num_iter, where=where, minimum=2)
     if not 0 < smooth <= 1:
-        raise ValueError(f"{where}: smooth must be in (0, 1] (1 = no smoothing), got {smooth!r}")
+        raise ConfigError(f"{where}: smooth must be in (0, 1] (1 = no smoothing), got {smooth!r}")
     diverge = _check_positive("diverge", diverge, where=where)
     if diverge <= 1:
-        raise ValueError(f"{where}: diverge must be > 1 (a factor over the lowest loss), got {diverge!r}")
-    if optimizer not in ("sgd", "adamw"):
-        raise ValueError(f"{where}: optimizer must be 'sgd' or 'adamw', got {optimizer!r}")
-    loss_fn = nn.CrossEntropyLoss() if loss_fn is None else loss_fn
+        raise ConfigError(f"{where}: diverge must be > 1 (a factor over the lowest loss), got {diverge!r}")
     first = next(net.parameters(), None)
     if first is None:
-        raise ValueError(f"{where}: {type(net).__name__} has no parameters")
-    device = torch.device(device) if device is not None else first.device
-
+        raise ConfigError(f"{where}: {type(net).__name__} has no parameters")
     groups = param_groups(net, lr=1.0, head_lr_mult=head_lr_mult, layer_decay=layer_decay,
                           weight_decay=weight_decay, trainable_only=True)
-    ratios = [g["lr"] for g in groups]
     for g in groups:
         g["lr"] = start_lr * g["lr"]
-
-    saved_state = copy.deepcopy(net.state_dict())
-    saved_modes = {name: m.training for name, m in net.named_modules()}
-    saved_device = first.device
-    if optimizer == "sgd":
-        opt: torch.optim.Optimizer = torch.optim.SGD(groups, lr=start_lr, momentum=0.9)
-    else:
-        opt = torch.optim.AdamW(groups, lr=start_lr)
+    opt = make_optimizer(groups, optimizer)
     gamma = (end_lr / start_lr) ** (1 / (num_iter - 1))
-    scheduler = lr_scheduler.ExponentialLR(opt, gamma=gamma)
-    lrs: list[float] = []
-    raw: list[float] = []
-    smoothed: list[float] = []
-    stopped_early = False
-    avg, best = 0.0, math.inf
-    try:
-        net.to(device)  # moves the parameters in place: the optimizer still holds them
-        set_train_mode(net, True)
-        batches = _cycle(loader)
-        for step in tqdm(range(num_iter), desc="lr_find", disable=not progress, leave=False):
-            x, y = next(batches)
-            x, y = x.to(device), y.to(device)
-            base_lr = opt.param_groups[0]["lr"] / ratios[0]
-            opt.zero_grad(set_to_none=True)
-            loss = loss_fn(net(x), y)
-            loss.backward()
-            opt.step()
-            scheduler.step()
-            value = float(loss.detach())
-            lrs.append(base_lr)
-            raw.append(value)
-            avg = (1 - smooth) * avg + smooth * value
-            current = avg / (1 - (1 - smooth) ** (step + 1))
-            smoothed.append(current)
-            best = min(best, current)
-            if not math.isfinite(current) or current > diverge * best:
-                stopped_early = True
-                break
-    finally:
-        opt.zero_grad(set_to_none=True)
-        net.load_state_dict(saved_state)
-        net.to(saved_device)
-        for name, m in net.named_modules():
-            m.training = saved_modes[name]
-    finite = [(lr, s) for lr, s in zip(lrs, smoothed) if math.isfinite(s)]
+    finder = LRFinder(start_lr=start_lr, gamma=gamma, smooth=smooth, diverge=diverge)
+    saved_state, saved_device = copy.deepcopy(net.state_dict()), first.device
+    with preserved(net):
+        try:
+            fit(net, _Batches(loader, num_iter), epochs=1, optimizer=opt, loss_fn=loss_fn, best=None,
+                scheduler=lr_scheduler.ExponentialLR(opt, gamma=gamma), device=device or saved_device,
+                callbacks=[finder], progress=progress)
+        finally:
+            net.load_state_dict(saved_state)
+            net.to(saved_device)
+    finite = [(lr, s) for lr, s in zip(finder.lrs_, finder.smoothed_) if math.isfinite(s)]
     if not finite:
-        raise RuntimeError(f"{where}: every loss was non-finite; check the data and loss_fn, or lower start_lr")
+        raise ConfigError(f"{where}: every loss was non-finite; check the data and loss_fn, or lower start_lr")
     suggestion = suggest_lr([lr for lr, _ in finite], [s for _, s in finite])
-    return LRFindResult(lrs=lrs, losses=smoothed, suggestion=suggestion, raw_losses=raw,
-                        stopped_early=stopped_early)
+    return LRFindResult(lrs=finder.lrs_, losses=finder.smoothed_, suggestion=suggestion, raw_losses=finder.raw_,
+                        stopped_early=finder.diverged_)

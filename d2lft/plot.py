@@ -24,12 +24,15 @@ import torch
 from matplotlib.ticker import MaxNLocator
 from torch import nn
 
+from d2lft.metrics import confusion_matrix
+from d2lft.errors import ConfigError
+
 __all__ = [
+    "LivePlot",
     "plot_history",
     "plot_lr_find",
     "plot_schedules",
     "show_images",
-    "confusion_matrix",
     "plot_confusion_matrix",
     "plot_filters",
     "plot_bars",
@@ -116,7 +119,7 @@ def plot_history(
     single = isinstance(metrics, str)
     names = [metrics] if single else list(metrics)
     if not names:
-        raise ValueError("plot_history: metrics is empty; pass e.g. metrics=('loss', 'acc')")
+        raise ConfigError("plot_history: metrics is empty; pass e.g. metrics=('loss', 'acc')")
 
     if ax is None:
         import matplotlib.pyplot as plt
@@ -126,7 +129,7 @@ def plot_history(
     else:
         axes = np.array([ax], dtype=object) if single else np.asarray(ax, dtype=object).ravel()
         if len(axes) != len(names):
-            raise ValueError(
+            raise ConfigError(
                 f"plot_history: got {len(axes)} Axes for {len(names)} metrics {names}; pass one Axes per "
                 "metric (e.g. plt.subplots(1, 2)[1]) or a single metric name as a string"
             )
@@ -140,7 +143,7 @@ def plot_history(
             series = [(name, _as_floats(data[name]))]
         if not series:
             available = sorted(k for k, v in data.items() if isinstance(v, list) and v)
-            raise ValueError(f"plot_history: the history has no values for metric {name!r}; lists with values: {available}")
+            raise ConfigError(f"plot_history: the history has no values for metric {name!r}; lists with values: {available}")
         for label, y in series:
             if len(epochs_raw) == len(y):
                 x = np.asarray(epochs_raw, dtype=float)
@@ -181,7 +184,7 @@ def plot_lr_find(result: Any, *, ax: Any = None, raw: bool = False) -> Any:
         lrs, losses, suggestion = result.lrs, result.losses, getattr(result, "suggestion", None)
         raw_losses = getattr(result, "raw_losses", None)
     if len(lrs) != len(losses) or not lrs:
-        raise ValueError(f"plot_lr_find: need as many losses as lrs (at least one), got {len(lrs)} and {len(losses)}")
+        raise ConfigError(f"plot_lr_find: need as many losses as lrs (at least one), got {len(lrs)} and {len(losses)}")
     ax = _new_axes(ax, figsize=(5, 3.4))
     if raw and raw_losses:
         ax.plot(lrs[: len(raw_losses)], raw_losses, color="C0", alpha=0.25, linewidth=1, label="loss per batch")
@@ -215,7 +218,7 @@ def plot_schedules(
     >>> plt.close(ax.figure)
     """
     if not curves:
-        raise ValueError("plot_schedules: curves is empty; pass {name: learning rates per step}")
+        raise ConfigError("plot_schedules: curves is empty; pass {name: learning rates per step}")
     ax = _new_axes(ax, figsize=(5.5, 3.4))
     for name, lrs in curves.items():
         x = np.arange(len(lrs), dtype=float)
@@ -246,7 +249,7 @@ def _to_hwc(image: Any, mean: Sequence[float] | None, std: Sequence[float] | Non
         raise TypeError(f"show_images: expected tensors, PIL images or numpy arrays, got {type(image).__name__}")
     x = image.detach().cpu()
     if x.ndim != 3 or x.shape[0] not in (1, 3):
-        raise ValueError(f"show_images: expected images of shape (3, H, W) or (1, H, W), got {tuple(x.shape)}")
+        raise ConfigError(f"show_images: expected images of shape (3, H, W) or (1, H, W), got {tuple(x.shape)}")
     if x.dtype == torch.uint8:
         array = x.permute(1, 2, 0).numpy()
     else:
@@ -265,7 +268,7 @@ def _image_list(images: Any) -> list[Any]:
             return [images]
         if images.ndim == 4:
             return list(images)
-        raise ValueError(f"show_images: expected a batch (B, C, H, W) or one image (C, H, W), got {tuple(images.shape)}")
+        raise ConfigError(f"show_images: expected a batch (B, C, H, W) or one image (C, H, W), got {tuple(images.shape)}")
     return list(images)
 
 
@@ -279,11 +282,11 @@ def _grid(
     interpolation: str | None = None,
 ) -> Any:
     if not arrays:
-        raise ValueError("show_images: no images to show")
+        raise ConfigError("show_images: no images to show")
     if titles is not None and len(titles) != len(arrays):
-        raise ValueError(f"show_images: got {len(titles)} titles for {len(arrays)} images")
+        raise ConfigError(f"show_images: got {len(titles)} titles for {len(arrays)} images")
     if isinstance(ncols, bool) or not isinstance(ncols, int) or ncols < 1:
-        raise ValueError(f"show_images: ncols must be an int >= 1, got {ncols!r}")
+        raise ConfigError(f"show_images: ncols must be an int >= 1, got {ncols!r}")
     ncols = min(ncols, len(arrays))
     nrows = math.ceil(len(arrays) / ncols)
     fig = _new_figure(fig, figsize=(size * ncols, size * nrows + (0.3 * nrows if titles else 0)))
@@ -352,11 +355,11 @@ def plot_filters(
     if isinstance(weight, nn.Module):
         conv = weight if isinstance(weight, nn.Conv2d) else next((m for m in weight.modules() if isinstance(m, nn.Conv2d)), None)
         if conv is None:
-            raise ValueError(f"plot_filters: {type(weight).__name__} has no nn.Conv2d layer; pass a conv weight tensor")
+            raise ConfigError(f"plot_filters: {type(weight).__name__} has no nn.Conv2d layer; pass a conv weight tensor")
         weight = conv.weight
     w = weight.detach().cpu().float()
     if w.ndim != 4:
-        raise ValueError(f"plot_filters: expected a conv weight of shape (out, in, kh, kw), got {tuple(w.shape)}")
+        raise ConfigError(f"plot_filters: expected a conv weight of shape (out, in, kh, kw), got {tuple(w.shape)}")
     w = w[:max_filters]
     if w.shape[1] != 3:
         w = w.mean(dim=1, keepdim=True)
@@ -368,43 +371,6 @@ def plot_filters(
 
 
 # ----------------------------------------------------------------------------- evaluation
-
-
-def _labels(values: Any, *, name: str) -> torch.Tensor:
-    t = torch.as_tensor(values).detach().cpu()
-    if t.ndim == 2:  # probabilities or logits: the predicted class
-        t = t.argmax(dim=1)
-    if t.ndim != 1:
-        raise ValueError(f"confusion_matrix: {name} must be class indices (N,) or scores (N, C), got shape {tuple(t.shape)}")
-    if t.is_floating_point():
-        if not torch.equal(t, t.round()):
-            raise ValueError(f"confusion_matrix: {name} holds non-integer values; pass class indices")
-    return t.long()
-
-
-def confusion_matrix(targets: Any, predictions: Any, num_classes: int) -> torch.Tensor:
-    """Counts ``C[true, predicted]`` as a ``(num_classes, num_classes)`` int64 tensor.
-
-    `predictions` may be class indices ``(N,)`` or scores ``(N, num_classes)`` (argmax is taken).
-
-    >>> confusion_matrix([0, 0, 1, 1], [0, 1, 1, 1], 2)
-    tensor([[1, 1],
-            [0, 2]])
-    """
-    if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1:
-        raise ValueError(f"confusion_matrix: num_classes must be an int >= 1, got {num_classes!r}")
-    t = _labels(targets, name="targets")
-    p = _labels(predictions, name="predictions")
-    if t.shape != p.shape:
-        raise ValueError(f"confusion_matrix: {t.numel()} targets but {p.numel()} predictions")
-    for name, values in (("targets", t), ("predictions", p)):
-        if values.numel() and (values.min() < 0 or values.max() >= num_classes):
-            raise ValueError(
-                f"confusion_matrix: {name} must be in [0, {num_classes - 1}], got values from "
-                f"{int(values.min())} to {int(values.max())}; is num_classes right?"
-            )
-    flat = torch.bincount(t * num_classes + p, minlength=num_classes * num_classes)
-    return flat.view(num_classes, num_classes)
 
 
 def plot_confusion_matrix(
@@ -467,14 +433,14 @@ def plot_bars(
     >>> plt.close(ax.figure)
     """
     if not values:
-        raise ValueError("plot_bars: values is empty; pass {name: number}")
+        raise ConfigError("plot_bars: values is empty; pass {name: number}")
     names = list(values)
     heights = [float(values[n]) for n in names]
     yerr = None
     if errors is not None:
         missing = [n for n in names if n not in errors]
         if missing:
-            raise ValueError(f"plot_bars: errors has no entry for {missing}")
+            raise ConfigError(f"plot_bars: errors has no entry for {missing}")
         yerr = [float(errors[n]) for n in names]
     # Long names wrap onto lines of at most 14 characters, and each bar gets room for its widest line,
     # so that neighbouring labels never overlap.
@@ -520,16 +486,7 @@ def plot_trainable(net: Any, *, ax: Any = None) -> Any:
     'trainable: 30 of 50 parameters (60.0%)'
     >>> plt.close(ax.figure)
     """
-    units: list[tuple[str, list[nn.Parameter]]] = []
-    in_blocks: set[int] = set()
-    for name, block in net.blocks():
-        params = list(block.parameters())
-        in_blocks.update(id(p) for p in params)
-        units.append((name, params))
-    other = [p for p in net.backbone.parameters() if id(p) not in in_blocks]
-    if other:
-        units.append(("backbone (other)", other))
-    units.append(("head", list(net.head.parameters())))
+    units = net.parts()
 
     names = [name for name, _ in units]
     trainable = np.array([sum(p.numel() for p in ps if p.requires_grad) for _, ps in units], dtype=float)
@@ -549,3 +506,24 @@ def plot_trainable(net: Any, *, ax: Any = None) -> Any:
     ax.legend(fontsize="small", loc="upper left", bbox_to_anchor=(1.0, 1.0))
     ax.grid(alpha=0.3, axis="x")
     return ax
+
+
+class LivePlot:
+    """A `d2lft.fit` callback that redraws `plot_history` after every epoch in a notebook.
+
+    Outside a notebook (or on another process than the main one under torchrun) it does nothing.
+    ``ft.fit(net, train, val, epochs=10, callbacks=[ft.plot.LivePlot()])``
+    """
+
+    def on_epoch_end(self, run: Any) -> None:
+        from d2lft import distributed
+        from d2lft.callbacks import _in_notebook
+
+        if not _in_notebook() or not distributed.is_main_process():
+            return
+        import matplotlib.pyplot as plt
+        from IPython.display import clear_output
+
+        clear_output(wait=True)
+        plot_history(run.history)
+        plt.show()

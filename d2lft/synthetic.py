@@ -26,6 +26,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
 
+from d2lft.errors import ConfigError
+
 __all__ = ["CLASSES", "FOLDER", "TARGET_NAME", "make_shapes"]
 
 CLASSES = ("circle", "cross", "square", "star", "triangle")
@@ -59,9 +61,9 @@ def make_shapes(
     """
     for name, value in (("train_per_class", train_per_class), ("val_per_class", val_per_class)):
         if value < 1:
-            raise ValueError(f"make_shapes: {name} must be at least 1, got {value}")
+            raise ConfigError(f"make_shapes: {name} must be at least 1, got {value}")
     if image_size < 16:
-        raise ValueError(f"make_shapes: image_size must be at least 16 pixels, got {image_size}")
+        raise ConfigError(f"make_shapes: image_size must be at least 16 pixels, got {image_size}")
     root = Path(root).expanduser()
     folder = root / FOLDER
     settings = {
@@ -171,7 +173,7 @@ def _polygon(name: str, cx: float, cy: float, radius: float, angle: float) -> li
         c, s = math.cos(angle), math.sin(angle)
         return [(cx + x * c - y * s, cy + x * s + y * c) for x, y in corners]
     else:
-        raise ValueError(f"unknown shape {name!r}; expected one of {CLASSES}")
+        raise ConfigError(f"unknown shape {name!r}; expected one of {CLASSES}")
     return [
         (
             cx + radii[k % len(radii)] * math.cos(angle + 2 * math.pi * k / count),

@@ -18,8 +18,7 @@ from __future__ import annotations
 import base64
 import io
 import os
-from collections.abc import Callable, Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import ipywidgets as widgets
@@ -29,11 +28,12 @@ from torch import nn
 from torchvision.transforms import v2
 
 from d2lft import plot
-from d2lft.data import AUGMENT_PRESETS, train_transform
-from d2lft.freeze import train_last
+from d2lft.errors import ConfigError
+from d2lft.freeze import preserved, train_last
 from d2lft.images import load_image
-from d2lft.net import IMAGENET_MEAN, IMAGENET_STD, Net
+from d2lft.net import Net, Preprocessing
 from d2lft.optim import SCHEDULERS, schedule_curve
+from d2lft.transforms import AUGMENT_PRESETS, train_transform
 
 __all__ = ["Explorer", "augmentation_explorer", "schedule_explorer", "freeze_explorer"]
 
@@ -99,14 +99,14 @@ def _as_uint8(image: Any, *, where: str) -> torch.Tensor:
         image = load_image(image)
     if isinstance(image, torch.Tensor) and image.is_floating_point():
         if image.min() < 0 or image.max() > 1:
-            raise ValueError(
+            raise ConfigError(
                 f"{where}: float images must hold values in [0, 1], got [{float(image.min()):.2f}, "
                 f"{float(image.max()):.2f}]; pass PIL images or uint8 tensors, not normalized ones"
             )
         image = (image * 255).round().to(torch.uint8)
     tensor = v2.functional.to_image(image).as_subclass(torch.Tensor)
     if tensor.dtype != torch.uint8 or tensor.ndim != 3 or tensor.shape[0] != 3:
-        raise ValueError(f"{where}: expected RGB images (3, H, W), got {tuple(tensor.shape)} {tensor.dtype}")
+        raise ConfigError(f"{where}: expected RGB images (3, H, W), got {tuple(tensor.shape)} {tensor.dtype}")
     return tensor
 
 
@@ -128,27 +128,29 @@ def _custom_transform(*, image_size: int, scale_min: float, flip: float, rotatio
 
 def augmentation_explorer(
     images: Any,
+    preprocessing: Net | Preprocessing,
     *,
-    image_size: int = 128,
+    image_size: int | None = None,
     seed: int = 0,
     versions: int = 5,
     max_images: int = 3,
-    mean: Sequence[float] = IMAGENET_MEAN,
-    std: Sequence[float] = IMAGENET_STD,
 ) -> Explorer:
     """Augmented versions of a few images, for a training preset or your own settings.
 
     `images`: PIL images, image paths, uint8 tensors ``(3, H, W)`` or a uint8 batch; the first
-    `max_images` are used. Each is first resized like the training cache (shorter side
-    ``round(image_size * 8 / 7)``, center crop), then shown as ``original`` followed by `versions`
-    augmented copies. The ``preset`` control picks `d2lft.data.train_transform` presets; moving a
+    `max_images` are used. `preprocessing` is the model (or its ``.preprocessing``), at
+    `image_size` if given. Each image is first resized like the training cache (the model's
+    evaluation resize and a square crop), then shown as ``original`` (the evaluation crop)
+    followed by `versions` augmented copies. The ``preset`` control picks
+    `d2lft.transforms.train_transform` presets; moving a
     slider switches to ``"custom"``: ``RandomResizedCrop(scale=(crop scale min, 1))`` (a center
     crop at 1), ``RandomHorizontalFlip(p)``, ``RandomRotation(degrees)`` and
     ``ColorJitter(s, s, s, hue=s/6)``. Randomness comes from `seed` (the global torch RNG is
     restored afterwards); "new samples" draws new ones.
 
     >>> from PIL import Image
-    >>> explorer = augmentation_explorer([Image.new("RGB", (60, 40), "orange")], image_size=32, versions=2)
+    >>> explorer = augmentation_explorer([Image.new("RGB", (60, 40), "orange")], Preprocessing(image_size=32),
+    ...                                  versions=2)
     >>> explorer.controls["preset"].value
     'crop+flip'
     """
@@ -157,10 +159,15 @@ def augmentation_explorer(
         images = list(images)
     images = list(images)[:max_images]
     if not images:
-        raise ValueError(f"{where}: no images given; pass a few PIL images, paths or uint8 tensors")
+        raise ConfigError(f"{where}: no images given; pass a few PIL images, paths or uint8 tensors")
     if isinstance(versions, bool) or not isinstance(versions, int) or versions < 1:
-        raise ValueError(f"{where}: versions must be an int >= 1, got {versions!r}")
-    prepare = v2.Compose([v2.Resize(round(image_size * 8 / 7), antialias=True), v2.CenterCrop(round(image_size * 8 / 7))])
+        raise ConfigError(f"{where}: versions must be an int >= 1, got {versions!r}")
+    if isinstance(preprocessing, Net):
+        preprocessing = preprocessing.preprocessing
+    preprocessing = preprocessing.with_size(image_size)
+    image_size, mean, std = preprocessing.image_size, preprocessing.mean, preprocessing.std
+    side = preprocessing.resize_size()
+    prepare = v2.Compose([v2.Resize(side, antialias=True), v2.CenterCrop(side)])
     base = [prepare(_as_uint8(image, where=where)) for image in images]
     original = v2.CenterCrop(image_size)
 
@@ -188,7 +195,7 @@ def augmentation_explorer(
                 color=controls["color"].value,
             )
         else:
-            transform = train_transform(preset, image_size, mean=mean, std=std)
+            transform = train_transform(preprocessing, preset)
         controls["pipeline"].value = f"<pre style='font-size:80%;line-height:1.2'>{transform!r}</pre>"
         tiles, titles = [], []
         with torch.random.fork_rng(devices=[]):
@@ -237,7 +244,7 @@ def schedule_explorer(*, epochs: int = 10, steps_per_epoch: int = 20, lr: float 
     """
     for name, value in (("epochs", epochs), ("steps_per_epoch", steps_per_epoch)):
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise ValueError(f"schedule_explorer: {name} must be an int >= 1, got {value!r}")
+            raise ConfigError(f"schedule_explorer: {name} must be an int >= 1, got {value!r}")
     slider = {"continuous_update": False, "style": {"description_width": "initial"}}
     controls: dict[str, widgets.Widget] = {
         "schedule": widgets.Dropdown(options=list(SCHEDULERS), value="warmup_cosine", description="schedule"),
@@ -294,18 +301,6 @@ def schedule_explorer(*, epochs: int = 10, steps_per_epoch: int = 20, lr: float 
 # ----------------------------------------------------------------------------- freezing
 
 
-@contextmanager
-def _requires_grad_restored(module: nn.Module) -> Iterator[None]:
-    """Restore every parameter's ``requires_grad`` and ``.grad`` on exit."""
-    saved = [(p, p.requires_grad, p.grad) for p in module.parameters()]
-    try:
-        yield
-    finally:
-        for p, flag, grad in saved:
-            p.requires_grad_(flag)
-            p.grad = grad
-
-
 def freeze_explorer(net: Net, *, k: int = 0) -> Explorer:
     """Which blocks ``d2lft.train_last(net, k)`` trains, and how many parameters that is.
 
@@ -323,7 +318,7 @@ def freeze_explorer(net: Net, *, k: int = 0) -> Explorer:
     """
     num_blocks = len(net.blocks())
     if isinstance(k, bool) or not isinstance(k, int) or not 0 <= k <= num_blocks:
-        raise ValueError(f"freeze_explorer: k must be an int from 0 to {num_blocks} (blocks of {net.name!r}), got {k!r}")
+        raise ConfigError(f"freeze_explorer: k must be an int from 0 to {num_blocks} (blocks of {net.name!r}), got {k!r}")
     controls: dict[str, widgets.Widget] = {
         "k": widgets.IntSlider(
             k, min=0, max=num_blocks, description="train last k blocks", continuous_update=False,
@@ -334,7 +329,7 @@ def freeze_explorer(net: Net, *, k: int = 0) -> Explorer:
 
     def draw() -> None:
         fig = Figure(figsize=(6, 1.0 + 0.3 * (num_blocks + 2)), layout="constrained")
-        with _requires_grad_restored(net):
+        with preserved(net):
             train_last(net, controls["k"].value)
             ax = plot.plot_trainable(net, ax=fig.subplots())
         ax.set_title(f"train_last(net, {controls['k'].value})\n{ax.get_title()}", fontsize="medium")

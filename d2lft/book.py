@@ -1,0 +1,101 @@
+"""Helpers for the course's chapters: set-up, glued numbers and measured tables.
+
+Each chapter starts with the same few lines (which dataset, which sizes for this machine, the
+model and its data); the helpers here keep that plumbing out of the lessons::
+
+    from d2lft import book
+    settings = book.settings()                 # small sizes on a CPU, larger on a GPU
+    net, data = book.model_and_data(settings)  # Lite0 with a new head, the course photos
+
+`glue` publishes several numbers to the page at once (myst-nb's ``glue``), and `table` turns
+measured rows into a Markdown table. Nothing here is needed outside the book.
+"""
+from __future__ import annotations
+
+import statistics
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from d2lft.device import get_device, keep_freed_memory
+
+__all__ = ["Settings", "settings", "course_settings", "model_and_data", "glue", "table", "mean_sd"]
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Sizes the chapters use: small on a CPU so each runs in about a minute, larger on a GPU."""
+
+    device: torch.device
+    image_size: int
+    batch_size: int
+    epochs_scale: int
+    root: Path | None = None
+
+
+def settings(device: str | torch.device | None = None, *, root: Path | None = None) -> Settings:
+    """The chapters' settings for this machine (and, on a CPU, the allocator setting of `d2lft.device`).
+
+    >>> settings("cpu").image_size
+    128
+    """
+    device = torch.device(device) if device is not None else get_device()
+    if device.type == "cuda":
+        return Settings(device=device, image_size=224, batch_size=64, epochs_scale=3, root=root)
+    keep_freed_memory()  # process-wide: faster CPU training steps (see d2lft.device)
+    return Settings(device=device, image_size=128, batch_size=32, epochs_scale=1, root=root)
+
+
+course_settings = settings
+
+
+def model_and_data(config: Settings, *, root: Path | None = None, name: str = "efficientnet_lite0",
+                   augment: str = "crop+flip"):
+    """The chapter's pretrained model with a new head sized for the data, and the data prepared for it.
+
+    `root` defaults to `d2lft.course_dataset()` (the ants-vs-bees photos, or "shapes" offline).
+    """
+    from d2lft.data import image_folders
+    from d2lft.datasets import course_dataset
+    from d2lft.models import create_model, replace_head
+
+    root = root or config.root or course_dataset()
+    net = create_model(name)
+    data = image_folders(root, net, image_size=config.image_size, batch_size=config.batch_size,
+                         augment=augment, progress=False)
+    replace_head(net, data.num_outputs)
+    return net, data
+
+
+def glue(**values: Any) -> None:
+    """myst-nb's ``glue(name, value, display=False)`` for each keyword: the page shows them in the prose."""
+    from myst_nb import glue as myst_glue
+
+    for name, value in values.items():
+        myst_glue(name, value, display=False)
+
+
+def table(rows: Sequence[Mapping[str, Any]], *, digits: int = 3):
+    """A list of dicts (one per row, the same keys) as a Markdown table; floats get `digits` decimals."""
+    from IPython.display import Markdown
+
+    def cell(value: Any) -> str:
+        return f"{value:.{digits}f}" if isinstance(value, float) else str(value)
+
+    header = list(rows[0])
+    lines = ["| " + " | ".join(header) + " |", "|" + " --- |" * len(header)]
+    lines += ["| " + " | ".join(cell(row[k]) for k in header) + " |" for row in rows]
+    return Markdown("\n".join(lines))
+
+
+def mean_sd(values: Sequence[float]) -> tuple[float, float]:
+    """Mean and sample standard deviation (0 for a single value) of results over seeds.
+
+    >>> [round(x, 3) for x in mean_sd([0.9, 0.92, 0.94])]
+    [0.92, 0.02]
+    """
+    values = [float(v) for v in values]
+    return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
