@@ -153,7 +153,9 @@ class EarlyStopping:
                                 f"(best {self.best_value:.4g} at epoch {self.best_epoch})")
 
     def on_fit_end(self, run: Run) -> None:
-        if self.restore_best and self.best_state is not None and self.best_epoch != len(run.history):
+        # After a stop the weights may have moved on (part of an epoch, a NaN step): go back too.
+        moved = run.stop is not None or self.best_epoch != len(run.history)
+        if self.restore_best and self.best_state is not None and moved:
             run.net.load_state_dict(self.best_state)
 
     def state_dict(self) -> dict[str, Any]:

@@ -182,7 +182,7 @@ def _with_transform(dataset: Dataset, transform) -> Dataset:
 
 def image_folders(
     root: str | os.PathLike[str],
-    preprocessing: Net | Preprocessing,
+    preprocessing: Net | Preprocessing | None = None,
     *,
     image_size: int | None = None,
     batch_size: int = 32,
@@ -198,7 +198,8 @@ def image_folders(
     """Train and validation DataLoaders for ``root/train/<class>/*`` and ``root/val/`` (or ``root/test/``).
 
     Images are prepared as `preprocessing` says: pass the model (its ``net.preprocessing`` is
-    used) or a `d2lft.Preprocessing`. `image_size` overrides its size (a CPU trains faster at
+    used) or a `d2lft.Preprocessing`; it is required (None raises an error that says so), since
+    a guessed default would silently mis-normalise other weights. `image_size` overrides its size (a CPU trains faster at
     128 px than at 224). The layout is checked first (errors name the folder and what to do).
     Every image is read once up front; unreadable ones are reported once each (a
     `BadImageWarning`) and skipped, and their paths, with files of other types, are in ``.skipped``.

@@ -34,7 +34,7 @@ from pathlib import Path, PurePosixPath
 from tqdm.auto import tqdm
 
 from d2lft import env
-from d2lft.errors import D2LFTError
+from d2lft.errors import ConfigError, D2LFTError
 
 __all__ = ["DownloadError", "UnsafeArchiveError", "download_url", "extract_archive", "sha1sum"]
 

@@ -23,10 +23,11 @@ from d2lft.errors import D2LFTError
 
 __all__ = ["IMAGE_EXTENSIONS", "BadImageError", "is_image_file", "load_image"]
 
-#: File name endings treated as images (compared in lower case).
-IMAGE_EXTENSIONS: frozenset[str] = frozenset(
-    {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
-)
+#: File name endings read as images in data folders and by `is_image_file` (compared in lower case):
+#: the one list d2lft uses, the same as torchvision's ImageFolder less its rare .ppm/.pgm. GIFs are
+#: left out: in photo folders they are animations and placeholders (ants/bees' ``imageNotFound.gif``);
+#: `load_image` still reads one when asked, and ``image_folders(extensions=...)`` can add them.
+IMAGE_EXTENSIONS: frozenset[str] = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff"})
 
 #: Same default as ``PIL.Image.MAX_IMAGE_PIXELS`` (about 9459 x 9459): bigger images are refused.
 DEFAULT_MAX_PIXELS = 89_478_485

@@ -57,6 +57,9 @@ def _labels(values: Any, *, name: str, where: str) -> torch.Tensor:
 
 
 def _pair(targets: Any, predictions: Any, *, where: str) -> tuple[torch.Tensor, torch.Tensor]:
+    if torch.as_tensor(targets).ndim != 1:
+        raise ConfigError(f"{where}: targets must be class indices of shape (N,), got shape "
+                          f"{tuple(torch.as_tensor(targets).shape)}; the order is {where}(targets, predictions)")
     t = _labels(targets, name="targets", where=where)
     p = _labels(predictions, name="predictions", where=where)
     if t.shape != p.shape:

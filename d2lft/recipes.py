@@ -28,8 +28,8 @@ from d2lft.train import History, fit
 __all__ = ["fine_tune", "STRATEGIES"]
 
 STRATEGIES = ("finetune", "probe", "lp-ft", "scratch")
-#: Options `fine_tune` sets itself; the rest of `fit`'s keyword arguments pass through.
-_OWN = {"epochs", "optimizer", "lr", "weight_decay", "scheduler", "task", "device", "progress", "seed"}
+#: The one `fit` option `fine_tune` derives (from the data) rather than takes; the others pass through.
+_OWN = {"task"}
 
 
 def _concat(first: History, second: History) -> History:

@@ -137,6 +137,7 @@ def _sums(loss_sum: torch.Tensor, score_sum: torch.Tensor, count: int, task: str
     return {"loss": loss_total / n, metric_name(task): score_total / n, "count": int(n)}
 
 
+@torch.no_grad()
 def _evaluate(net: nn.Module, loader: Iterable, *, runner: Runner, task: str, loss_fn: nn.Module) -> dict[str, float]:
     loss_sum = torch.zeros((), device=runner.device)
     score_sum = torch.zeros((), device=runner.device)
@@ -168,6 +169,7 @@ def evaluate(net: nn.Module, loader: Iterable, *, device: str | torch.device | N
     return _evaluate(net, loader, runner=runner, task=task, loss_fn=loss_fn or loss_for(task))
 
 
+@torch.no_grad()
 def predict(net: nn.Module, loader: Iterable, *, device: str | torch.device | None = None,
             task: str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """``(outputs, targets)`` for everything in `loader`, on the CPU.

@@ -26,3 +26,14 @@ def staged_net(num_classes: int = 3, *, conv_bias: bool = False) -> Net:
         )
     )
     return Net(backbone, nn.Linear(8, num_classes), blocks=["stem", "stage1", "stage2"], num_features=8, name="tiny")
+
+
+def tiny_net(num_outputs: int = 2, *, seed: int = 0, dropout: float = 0.0) -> Net:
+    """The smallest net with what fine-tuning cares about: a BatchNorm stem, a stage, a dropout head."""
+    torch.manual_seed(seed)
+    backbone = nn.Sequential()
+    backbone.add_module("stem", nn.Sequential(nn.Conv2d(3, 6, 3, padding=1), nn.BatchNorm2d(6), nn.ReLU()))
+    backbone.add_module("stage", nn.Sequential(nn.Conv2d(6, 8, 3, padding=1), nn.ReLU()))
+    backbone.add_module("pool", nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten()))
+    head = nn.Sequential(nn.Dropout(dropout), nn.Linear(8, num_outputs))
+    return Net(backbone, head, blocks=["stem", "stage"], num_features=8, name="tiny")

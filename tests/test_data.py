@@ -1,4 +1,4 @@
-"""Registry, get_dataset / course_dataset, and the image_folders loaders (never touches the network)."""
+"""The image_folders loaders: layout checks, bad files, caching, splits (never touches the network)."""
 from __future__ import annotations
 
 import dataclasses
@@ -14,20 +14,13 @@ from conftest import make_image_folder
 from PIL import Image
 
 from d2lft import data, download
-from d2lft.data import (
-    DATASETS,
-    BadImageWarning,
-    DatasetNotAvailableError,
-    course_dataset,
-    eval_transform,
-    get_dataset,
-    image_folders,
-    list_datasets,
-    train_transform,
-)
-from d2lft.synthetic import CLASSES, make_shapes
+from d2lft.data import BadImageWarning, image_folders
+from d2lft.net import Preprocessing
+from d2lft.synthetic import make_shapes
 
 FAST = dict(image_size=32, batch_size=4, progress=False)
+#: ImageNet's normalisation, as a torchvision model would ask for it
+IMAGENET = Preprocessing()
 
 
 @pytest.fixture(autouse=True)
@@ -46,180 +39,49 @@ def shapes_root(tmp_path) -> Path:
     return make_shapes(tmp_path / "data", train_per_class=3, val_per_class=2, image_size=40)
 
 
-def fake_hymenoptera(root: Path) -> Path:
-    folder = root / "hymenoptera_data"
-    make_image_folder(folder, classes=("ants", "bees"), per_class=2)
-    return folder
-
-
-# --------------------------------------------------------------------------- registry
-
-
-def test_registry_is_immutable():
-    with pytest.raises(TypeError):
-        DATASETS["mine"] = DATASETS["shapes"]
-    with pytest.raises(TypeError):
-        del DATASETS["hotdog"]
-    with pytest.raises(dataclasses.FrozenInstanceError):
-        DATASETS["hotdog"].url = "http://example.org/evil.zip"
-
-
-def test_registry_entries():
-    assert [d.name for d in list_datasets()] == ["hotdog", "hymenoptera", "shapes"]
-    hotdog, ants = DATASETS["hotdog"], DATASETS["hymenoptera"]
-    assert hotdog.sha1 == "fba480ffa8aa7e0febbb511d181409f899b9baa5" and hotdog.splits == ("train", "test")
-    assert ants.sha1 is None and ants.folder == "hymenoptera_data" and ants.classes == ("ants", "bees")
-    assert DATASETS["shapes"].url is None and DATASETS["shapes"].classes == CLASSES
-
-
-# --------------------------------------------------------------------------- get_dataset / course_dataset
-
-
-def test_get_dataset_uses_an_existing_folder_without_downloading(tmp_path):
-    folder = fake_hymenoptera(tmp_path)
-    assert get_dataset("hymenoptera", root=tmp_path) == folder
-
-
-def test_get_dataset_default_root_is_the_data_dir(tmp_path, monkeypatch):
-    monkeypatch.setenv("D2LFT_DATA_DIR", str(tmp_path))
-    folder = fake_hymenoptera(tmp_path)
-    assert get_dataset("hymenoptera") == folder
-
-
-def test_unknown_dataset_lists_the_known_ones(tmp_path):
-    with pytest.raises(ValueError, match="unknown dataset 'cats'.*hotdog, hymenoptera, shapes"):
-        get_dataset("cats", root=tmp_path)
-
-
-def test_failed_download_is_an_error_not_a_substitute(tmp_path):
-    with pytest.raises(DatasetNotAvailableError, match="hotdog.zip") as err:
-        get_dataset("hotdog", root=tmp_path)
-    assert "test: no network" in str(err.value) and err.value.reason == "download failed"
-    assert not (tmp_path / "shapes").exists()
-
-
-@pytest.mark.parametrize("how", ["download=False", "offline"])
-def test_no_download_allowed_says_where_to_put_it(tmp_path, monkeypatch, how):
-    def must_not_download(url, dest, **kwargs):
-        raise AssertionError("download attempted")
-
-    monkeypatch.setattr(download, "download_url", must_not_download)
-    if how == "offline":
-        monkeypatch.setenv("D2LFT_OFFLINE", "1")
-    with pytest.raises(DatasetNotAvailableError) as err:
-        get_dataset("hymenoptera", root=tmp_path, download=how != "download=False")
-    message = str(err.value)
-    assert str(tmp_path / "hymenoptera_data") in message and "hymenoptera_data.zip" in message
-
-
-def test_incomplete_existing_folder_is_reported_not_overwritten(tmp_path):
-    folder = fake_hymenoptera(tmp_path)
-    shutil.rmtree(folder / "val" / "bees")
-    with pytest.raises(DatasetNotAvailableError, match=r"hymenoptera_data exists but has no images in val/bees"):
-        get_dataset("hymenoptera", root=tmp_path)
-    assert (folder / "train" / "ants").is_dir()
-
-
-def _zip_folder(folder: Path, archive: Path) -> None:
-    with zipfile.ZipFile(archive, "w") as zf:
-        for path in sorted(folder.rglob("*")):
-            zf.write(path, path.relative_to(folder.parent).as_posix())
-
-
-def test_download_is_extracted_checked_and_the_archive_removed(tmp_path, monkeypatch):
-    source = fake_hymenoptera(tmp_path / "server")
-    _zip_folder(source, tmp_path / "server.zip")
-    calls = []
-
-    def fake_download(url, dest, *, sha1=None, **kwargs):
-        calls.append((url, sha1))
-        shutil.copy(tmp_path / "server.zip", dest)
-        return Path(dest)
-
-    monkeypatch.setattr(download, "download_url", fake_download)
-    root = tmp_path / "data"
-    folder = get_dataset("hymenoptera", root=root)
-    assert folder == root / "hymenoptera_data"
-    assert calls == [(DATASETS["hymenoptera"].url, None)]
-    assert sorted(p.name for p in (folder / "val").iterdir()) == ["ants", "bees"]
-    assert sorted(p.name for p in root.iterdir()) == ["hymenoptera_data"]  # no archive, no staging folder
-
-
-def test_download_with_the_wrong_layout_is_refused(tmp_path, monkeypatch):
-    source = tmp_path / "server" / "hymenoptera_data"
-    make_image_folder(source, classes=("ants", "wasps"), per_class=1)
-    _zip_folder(source, tmp_path / "server.zip")
-    monkeypatch.setattr(download, "download_url",
-                        lambda url, dest, **kw: Path(shutil.copy(tmp_path / "server.zip", dest)))
-    root = tmp_path / "data"
-    with pytest.raises(DatasetNotAvailableError, match="no images in train/bees"):
-        get_dataset("hymenoptera", root=root)
-    assert list(root.iterdir()) == []
-
-
-@pytest.mark.parametrize("how", ["download=False", "offline"])
-def test_course_dataset_falls_back_to_shapes_with_one_line(tmp_path, monkeypatch, capsys, how):
-    if how == "offline":
-        monkeypatch.setenv("D2LFT_OFFLINE", "1")
-    path = course_dataset(root=tmp_path, download=how != "download=False")
-    assert path == tmp_path / "shapes" and (path / "train" / "star").is_dir()
-    lines = capsys.readouterr().out.strip().splitlines()
-    assert len(lines) == 1
-    assert "shapes" in lines[0] and DATASETS["hymenoptera"].url in lines[0] and str(tmp_path) in lines[0]
-
-
-def test_course_dataset_prefers_the_photos(tmp_path, capsys):
-    folder = fake_hymenoptera(tmp_path)
-    assert course_dataset(root=tmp_path) == folder
-    out = capsys.readouterr().out.strip().splitlines()
-    assert len(out) == 1 and "hymenoptera" in out[0]
-    assert course_dataset(root=tmp_path, verbose=False) == folder
-    assert capsys.readouterr().out == ""
-
-
 # --------------------------------------------------------------------------- layout errors
 
 
 def test_missing_root(tmp_path):
     with pytest.raises(ValueError, match=f"{tmp_path / 'nope'} does not exist"):
-        image_folders(tmp_path / "nope", **FAST)
+        image_folders(tmp_path / "nope", IMAGENET, **FAST)
 
 
 def test_missing_train_split(tiny_folder):
     shutil.rmtree(tiny_folder / "train")
     with pytest.raises(ValueError, match=f"{tiny_folder} has no train/ folder.*val_split"):
-        image_folders(tiny_folder, **FAST)
+        image_folders(tiny_folder, IMAGENET, **FAST)
 
 
 def test_missing_val_split(tiny_folder):
     shutil.rmtree(tiny_folder / "val")
     with pytest.raises(ValueError, match=f"{tiny_folder} has train/ but no val/ or test/"):
-        image_folders(tiny_folder, **FAST)
+        image_folders(tiny_folder, IMAGENET, **FAST)
 
 
 def test_test_split_serves_as_validation(tiny_folder):
     (tiny_folder / "val").rename(tiny_folder / "test")
-    assert len(image_folders(tiny_folder, **FAST).val_dataset) == 8
+    assert len(image_folders(tiny_folder, IMAGENET, **FAST).val_dataset) == 8
 
 
 def test_empty_class_folder(tiny_folder):
     (tiny_folder / "val" / "c").mkdir()
     (tiny_folder / "train" / "c").mkdir()
     with pytest.raises(ValueError, match=f"class folder {tiny_folder / 'train' / 'c'} has no images"):
-        image_folders(tiny_folder, **FAST)
+        image_folders(tiny_folder, IMAGENET, **FAST)
 
 
 def test_single_class(tiny_folder):
     for split in ("train", "val"):
         shutil.rmtree(tiny_folder / split / "b")
     with pytest.raises(ValueError, match=f"{tiny_folder / 'train'} has only one class folder \\('a'\\)"):
-        image_folders(tiny_folder, **FAST)
+        image_folders(tiny_folder, IMAGENET, **FAST)
 
 
 def test_classes_differ_between_splits(tiny_folder):
     (tiny_folder / "val" / "b").rename(tiny_folder / "val" / "B")
     with pytest.raises(ValueError, match=r"class folders differ.*only in train: \['b'\], only in val: \['B'\]"):
-        image_folders(tiny_folder, **FAST)
+        image_folders(tiny_folder, IMAGENET, **FAST)
 
 
 def test_hidden_folders_and_files_are_ignored(tiny_folder):
@@ -227,7 +89,7 @@ def test_hidden_folders_and_files_are_ignored(tiny_folder):
     (tiny_folder / "train" / "a" / ".DS_Store").write_bytes(b"\0\0")
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        result = image_folders(tiny_folder, **FAST)
+        result = image_folders(tiny_folder, IMAGENET, **FAST)
     assert result.classes == ["a", "b"] and result.skipped == []
 
 
@@ -236,7 +98,7 @@ def test_hidden_folders_and_files_are_ignored(tiny_folder):
 )
 def test_bad_options_name_the_setting(tiny_folder, option, value):
     with pytest.raises(ValueError, match=option):
-        image_folders(tiny_folder, **{**FAST, option: value})
+        image_folders(tiny_folder, IMAGENET, **{**FAST, option: value})
 
 
 # --------------------------------------------------------------------------- bad images
@@ -260,7 +122,7 @@ def test_bad_images_are_reported_once_and_skipped(tiny_folder, cache):
     expected = _add_bad_images(tiny_folder)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        result = image_folders(tiny_folder, cache=cache, **FAST)
+        result = image_folders(tiny_folder, IMAGENET, cache=cache, **FAST)
     messages = [str(w.message) for w in caught if issubclass(w.category, BadImageWarning)]
     assert sorted(result.skipped) == expected
     assert len(messages) == len(expected)
@@ -280,7 +142,7 @@ def test_a_class_with_only_bad_images_is_an_error(tiny_folder):
         path.write_bytes(b"")
     message = f"no readable image left in {tiny_folder / 'val' / 'b'}"
     with pytest.warns(BadImageWarning), pytest.raises(ValueError, match=message):
-        image_folders(tiny_folder, **FAST)
+        image_folders(tiny_folder, IMAGENET, **FAST)
 
 
 # --------------------------------------------------------------------------- tensors, caching, shuffling
@@ -288,7 +150,7 @@ def test_a_class_with_only_bad_images_is_an_error(tiny_folder):
 
 @pytest.mark.parametrize("cache", [True, False])
 def test_batches_are_normalized_float_images_with_int_labels(tiny_folder, cache):
-    result = image_folders(tiny_folder, cache=cache, augment="none", **FAST)
+    result = image_folders(tiny_folder, IMAGENET, cache=cache, augment="none", **FAST)
     images, labels = next(iter(result.val))
     assert images.shape == (4, 3, 32, 32) and images.dtype == torch.float32 and type(images) is torch.Tensor
     assert labels.dtype == torch.int64 and labels.tolist() == [0, 0, 0, 0]
@@ -311,8 +173,8 @@ def test_cached_and_uncached_evaluation_give_the_same_tensors(tmp_path):
             for i, (w, h) in enumerate(sizes):
                 pixels = torch.randint(0, 256, (h, w, 3), generator=generator, dtype=torch.uint8)
                 Image.fromarray(pixels.numpy()).save(folder / split / name / f"{i}.png")
-    cached = image_folders(folder, cache=True, image_size=48, progress=False)
-    plain = image_folders(folder, cache=False, image_size=48, progress=False)
+    cached = image_folders(folder, IMAGENET, cache=True, image_size=48, progress=False)
+    plain = image_folders(folder, IMAGENET, cache=False, image_size=48, progress=False)
     for i in range(len(plain.val_dataset)):
         assert cached.val_dataset.samples[i][0] == plain.val_dataset.samples[i][0]
         assert torch.allclose(cached.val_dataset[i][0], plain.val_dataset[i][0], atol=1e-5)
@@ -321,7 +183,7 @@ def test_cached_and_uncached_evaluation_give_the_same_tensors(tmp_path):
 
 
 def test_cache_holds_small_uint8_squares(tiny_folder):
-    dataset = image_folders(tiny_folder, **FAST).train_dataset
+    dataset = image_folders(tiny_folder, IMAGENET, **FAST).train_dataset
     assert dataset.images.dtype == torch.uint8
     assert dataset.images.shape == (8, 3, round(32 * 8 / 7), round(32 * 8 / 7))
 
@@ -331,9 +193,9 @@ def _labels_in_order(result) -> list[int]:
 
 
 def test_seeded_shuffling_is_reproducible(shapes_root):
-    first = image_folders(shapes_root, seed=3, **FAST)
-    again = image_folders(shapes_root, seed=3, **FAST)
-    other = image_folders(shapes_root, seed=4, **FAST)
+    first = image_folders(shapes_root, IMAGENET, seed=3, **FAST)
+    again = image_folders(shapes_root, IMAGENET, seed=3, **FAST)
+    other = image_folders(shapes_root, IMAGENET, seed=4, **FAST)
     epoch1 = _labels_in_order(first)
     assert epoch1 == _labels_in_order(again)
     assert epoch1 != _labels_in_order(other)
@@ -342,13 +204,13 @@ def test_seeded_shuffling_is_reproducible(shapes_root):
 
 
 def test_every_epoch_order_is_reproducible(shapes_root):
-    a, b = image_folders(shapes_root, seed=0, **FAST), image_folders(shapes_root, seed=0, **FAST)
+    a, b = image_folders(shapes_root, IMAGENET, seed=0, **FAST), image_folders(shapes_root, IMAGENET, seed=0, **FAST)
     assert [_labels_in_order(a) for _ in range(3)] == [_labels_in_order(b) for _ in range(3)]
 
 
 def test_worker_processes_give_the_same_batches(tiny_folder):
-    main = image_folders(tiny_folder, augment="none", **FAST)
-    workers = image_folders(tiny_folder, augment="none", num_workers=1, **FAST)
+    main = image_folders(tiny_folder, IMAGENET, augment="none", **FAST)
+    workers = image_folders(tiny_folder, IMAGENET, augment="none", num_workers=1, **FAST)
     for (x0, y0), (x1, y1) in zip(main.train, workers.train):
         assert torch.equal(y0, y1) and torch.equal(x0, x1)
 
@@ -358,7 +220,7 @@ def test_worker_processes_give_the_same_batches(tiny_folder):
 
 @pytest.mark.parametrize("cache", [True, False])
 def test_size_target_for_regression(shapes_root, cache):
-    result = image_folders(shapes_root, target="size", cache=cache, **FAST)
+    result = image_folders(shapes_root, IMAGENET, target="size", cache=cache, **FAST)
     assert result.num_outputs == 1
     _, sizes = next(iter(result.val))
     assert sizes.dtype == torch.float32 and sizes.shape == (4,)
@@ -371,9 +233,9 @@ def test_size_target_for_regression(shapes_root, cache):
 
 def test_regression_target_needs_a_targets_file(tiny_folder, shapes_root):
     with pytest.raises(ValueError, match=f"{tiny_folder / 'train' / 'targets.csv'}"):
-        image_folders(tiny_folder, target="size", **FAST)
+        image_folders(tiny_folder, IMAGENET, target="size", **FAST)
     with pytest.raises(ValueError, match="not 'path' and 'angle'"):
-        image_folders(shapes_root, target="angle", **FAST)
+        image_folders(shapes_root, IMAGENET, target="angle", **FAST)
 
 
 def test_val_split_holds_out_part_of_each_class(tmp_path):
@@ -381,8 +243,8 @@ def test_val_split_holds_out_part_of_each_class(tmp_path):
     for name in ("a", "b"):  # class folders directly in the root, no train/ or val/
         make_image_folder(tmp_path / "tmp", classes=(name,), per_class=5)
         shutil.move(tmp_path / "tmp" / "train" / name, folder / name)
-    result = image_folders(folder, val_split=0.4, **FAST)
-    again = image_folders(folder, val_split=0.4, **FAST)
+    result = image_folders(folder, IMAGENET, val_split=0.4, **FAST)
+    again = image_folders(folder, IMAGENET, val_split=0.4, **FAST)
     val_paths = [p for p, _ in result.val_dataset.samples]
     assert len(val_paths) == 4 and len(result.train_dataset) == 6
     assert sorted(l for _, l in result.val_dataset.samples) == [0, 0, 1, 1]
@@ -390,28 +252,8 @@ def test_val_split_holds_out_part_of_each_class(tmp_path):
     assert val_paths == [p for p, _ in again.val_dataset.samples]
 
 
-# --------------------------------------------------------------------------- transforms
-
-
-def test_transform_presets():
-    image = torch.randint(0, 256, (3, 70, 90), dtype=torch.uint8)
-    for preset in data.AUGMENT_PRESETS:
-        assert train_transform(preset, 48)(image).shape == (3, 48, 48)
-    assert torch.equal(train_transform("none", 48)(image), eval_transform(48)(image))
-    torch.manual_seed(0)
-    assert not torch.equal(train_transform("crop+flip", 48)(image), train_transform("crop+flip", 48)(image))
-    with pytest.raises(ValueError, match="crop\\+flip\\+color"):
-        train_transform("flip", 48)
-
-
-def test_transforms_accept_pil_images():
-    image = Image.new("RGB", (90, 70), (255, 0, 0))
-    x = eval_transform(48, mean=(0, 0, 0), std=(1, 1, 1))(image)
-    assert x.shape == (3, 48, 48) and torch.allclose(x[0], torch.ones(48, 48))
-
-
 def test_repr_is_a_short_summary(tiny_folder):
-    text = repr(image_folders(tiny_folder, **FAST))
+    text = repr(image_folders(tiny_folder, IMAGENET, **FAST))
     assert "train=8 images" in text and "classes=['a', 'b']" in text and "DataLoader" not in text
 
 
@@ -422,10 +264,50 @@ def test_repr_is_a_short_summary(tiny_folder):
 @pytest.mark.parametrize("cache", [True, False])
 def test_hymenoptera(hymenoptera_root, cache):
     with pytest.warns(BadImageWarning, match="imageNotFound.gif"):
-        result = image_folders(hymenoptera_root, cache=cache, image_size=64, progress=False)
+        result = image_folders(hymenoptera_root, IMAGENET, cache=cache, image_size=64, progress=False)
     assert result.classes == ["ants", "bees"]
     assert len(result.train_dataset) == 244 and len(result.val_dataset) == 153
     # a GIF placeholder ("this image could not be found"), not an ant: left out, and said so
     assert result.skipped == [str(hymenoptera_root / "train" / "ants" / "imageNotFound.gif")]
     images, labels = next(iter(result.val))
     assert images.shape == (32, 3, 64, 64) and set(labels.tolist()) <= {0, 1}
+
+
+# --------------------------------------------------------------------------- preprocessing from the model
+
+
+def test_the_model_decides_the_normalisation(tiny_folder):
+    half = Preprocessing(mean=(0.5,) * 3, std=(0.5,) * 3)
+    a = image_folders(tiny_folder, half, augment="none", **FAST)
+    b = image_folders(tiny_folder, IMAGENET, augment="none", **FAST)
+    x, _ = a.val_dataset[0]
+    raw = a.val_dataset.images[0].float() / 255  # the cached uint8 square (37 px), before normalising
+    centre = raw[:, 2:34, 2:34]  # its centre 32 px: the evaluation crop
+    assert torch.allclose(x, (centre - 0.5) / 0.5, atol=1e-6)
+    assert a.preprocessing.mean == (0.5, 0.5, 0.5) and a.train_dataset.preprocessing == a.preprocessing
+    assert not torch.allclose(x, b.val_dataset[0][0])
+
+
+def test_a_folder_without_its_model_is_refused(tiny_folder):
+    with pytest.raises(ValueError, match=r"image_folders\(root, net\)"):
+        image_folders(tiny_folder, image_size=32)  # the old call: silently ImageNet's statistics
+    with pytest.raises(ValueError, match=r"image_folders\(root, net\)"):
+        image_folders(tiny_folder, "imagenet", **FAST)
+
+
+def test_with_augment_leaves_the_original_alone(tiny_folder):
+    data = image_folders(tiny_folder, IMAGENET, augment="crop+flip", **FAST)
+    plain = data.with_augment("none")
+    assert plain.augment == "none" and data.augment == "crop+flip"
+    assert plain.train_dataset.images is data.train_dataset.images  # nothing decoded or copied again
+    x0, _ = plain.train_dataset[0]
+    assert torch.equal(x0, plain.train_dataset[0][0])  # deterministic: the evaluation transform
+    assert data.train_dataset.transform is not plain.train_dataset.transform
+
+
+def test_a_last_training_batch_of_one_is_dropped(tmp_path):
+    # 9 images, batch 4: the last batch would hold one image, which BatchNorm cannot train on
+    folder = make_image_folder(tmp_path / "odd", classes=("a", "b", "c"), per_class=3)
+    data = image_folders(folder, IMAGENET, **FAST)
+    assert [len(y) for _, y in data.train] == [4, 4]
+    assert [len(y) for _, y in data.val] == [4, 4, 1]  # evaluation sees every image

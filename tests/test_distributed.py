@@ -24,7 +24,7 @@ from torch import nn
 from torch.utils.data import DataLoader, DistributedSampler
 
 from d2lft import distributed
-from d2lft.net import Net
+from d2lft.net import Net, Preprocessing
 
 BATCH = 4  # per process; the one-process reference uses 2 * BATCH
 EPOCHS = 2
@@ -40,7 +40,8 @@ def test_without_torchrun_everything_is_a_no_op():
     loader = DataLoader(list(range(7)), batch_size=2, shuffle=True)
     assert not distributed.launched() and not distributed.is_distributed()
     assert distributed.setup("cpu") == torch.device("cpu")
-    assert distributed.wrap(net, torch.device("cpu"), sync_bn=True) is net
+    assert distributed.wrap(net, torch.device("cpu")) is net
+    distributed.check_setup(torch.device("cpu"))  # nothing to join
     assert distributed.shard_loader(loader) is loader
     assert distributed.shard_eval_loader(loader) is loader
     assert distributed.rank() == 0 and distributed.world_size() == 1 and distributed.is_main_process()
@@ -60,16 +61,13 @@ def test_setup_rejects_a_device_several_processes_cannot_share(monkeypatch):
         distributed.setup("mps")
 
 
-def test_sync_batchnorm_converts_only_trainable_batchnorm():
-    net = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.Sequential(nn.Conv2d(4, 4, 1), nn.BatchNorm2d(4)))
-    net[1].requires_grad_(False)
-    trained = net[2][1]
-    weight = trained.weight
-    distributed.sync_batchnorm(net)
-    assert type(net[1]) is nn.BatchNorm2d  # frozen: keeps its pretrained statistics, stays in eval
-    assert isinstance(net[2][1], nn.SyncBatchNorm)
-    assert net[2][1].weight is weight  # same Parameter: an optimizer made before still holds it
-    assert torch.equal(net[2][1].running_var, trained.running_var)
+def test_fit_under_torchrun_without_setup_says_what_to_call(monkeypatch):
+    from d2lft.train import fit
+
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    data = DataLoader([(torch.zeros(2), 0)] * 4, batch_size=2)
+    with pytest.raises(ValueError, match=r"call d2lft.distributed.setup\('cpu'\) before fit"):
+        fit(nn.Linear(2, 2), data, epochs=1, device="cpu", progress=False)
 
 
 # --------------------------------------------------------------------------- two processes
@@ -85,7 +83,8 @@ def _tiny_net() -> Net:
     )
     backbone[1].running_mean.uniform_(-0.5, 0.5)
     backbone[1].running_var.uniform_(0.5, 2.0)
-    net = Net(backbone, nn.Linear(8, 5), blocks=["0", "1"], num_features=8, name="tiny", image_size=32)
+    net = Net(backbone, nn.Linear(8, 5), blocks=["0", "1"], num_features=8, name="tiny",
+              preprocessing=Preprocessing(image_size=32))
     freeze(net, "backbone.1")
     return net
 
@@ -96,7 +95,8 @@ def _data(root: Path, *, batch_size: int):
 
     folder = make_shapes(root, image_size=32, train_per_class=4, val_per_class=3)  # 20 train, 15 val images
     # No augmentation: random crops would draw from each process's own random stream.
-    return image_folders(folder, image_size=32, batch_size=batch_size, augment="none", progress=False)
+    return image_folders(folder, Preprocessing(image_size=32), batch_size=batch_size, augment="none",
+                         progress=False)
 
 
 def _fit(net: Net, train, val, *, checkpoint: Path | None, progress: bool):
@@ -201,6 +201,7 @@ def _worker(out: Path) -> None:
     from d2lft.features import extract_features
 
     rank = distributed.rank()
+    distributed.setup("cpu")  # joins the process group, as the command line does
     data = _data(out, batch_size=BATCH)
     net = _tiny_net()
     written: list[str] = []

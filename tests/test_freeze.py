@@ -129,9 +129,8 @@ def test_gradual_unfreezing_schedule_with_all_params_in_optimizer():
     cb = GradualUnfreezing(every=2, max_blocks=2)
     seen = []
     for epoch in range(7):
-        cb.on_epoch_start(epoch, net, optimizer)
+        cb.unfreeze(net, epoch, optimizer)
         seen.append(len(trainable_blocks(net)) - 1)
-        cb.on_epoch_end(epoch, net, optimizer, None)
     assert seen == [0, 0, 1, 1, 2, 2, 2]
     assert len(optimizer.param_groups) == n_groups  # nothing had to be added
     assert cb.added_groups_ == []
@@ -140,12 +139,12 @@ def test_gradual_unfreezing_schedule_with_all_params_in_optimizer():
 def test_gradual_unfreezing_adds_missing_params_to_optimizer(caplog):
     net = tiny_net()
     cb = GradualUnfreezing(every=1)
-    cb.on_epoch_start(0, net, None)  # head only
+    cb.unfreeze(net, 0, None)  # head only
     optimizer = torch.optim.AdamW(param_groups(net, lr=0.01, head_lr_mult=5, trainable_only=True), lr=0.01)
     assert [g["name"] for g in optimizer.param_groups] == ["head"]
 
     with caplog.at_level("WARNING", logger="d2lft.freeze"):
-        cb.on_epoch_start(1, net, optimizer)
+        cb.unfreeze(net, 1, optimizer)
     assert "not in the optimizer" in caplog.text
     stage2 = set(map(id, net.backbone.stage2.parameters()))
     in_opt = {id(p) for g in optimizer.param_groups for p in g["params"]}
@@ -160,16 +159,16 @@ def test_gradual_unfreezing_adds_missing_params_to_optimizer(caplog):
     optimizer.step()
     assert not torch.equal(before, net.backbone.stage2[0].weight)
 
-    cb.on_epoch_start(2, net, optimizer)
+    cb.unfreeze(net, 2, optimizer)
     assert [g["name"] for g in optimizer.param_groups[3:]] == ["unfrozen@epoch2", "unfrozen@epoch2.no_decay"]
-    cb.on_epoch_start(2, net, optimizer)  # idempotent: nothing more to add
+    cb.unfreeze(net, 2, optimizer)  # idempotent: nothing more to add
     assert len(optimizer.param_groups) == 5
 
 
 def test_gradual_unfreezing_uses_given_lr():
     net = tiny_net()
     optimizer = torch.optim.SGD(net.head.parameters(), lr=1.0)
-    GradualUnfreezing(every=1, lr=1e-4).on_epoch_start(1, net, optimizer)
+    GradualUnfreezing(every=1, lr=1e-4).unfreeze(net, 1, optimizer)
     assert [g["lr"] for g in optimizer.param_groups] == [1.0, 1e-4, 1e-4]
 
 
@@ -177,14 +176,14 @@ def test_gradual_unfreezing_state_dict_resumes():
     net = tiny_net()
     cb = GradualUnfreezing(every=3)
     for epoch in range(7):
-        cb.on_epoch_start(epoch, net, None)
+        cb.unfreeze(net, epoch, None)
     state = cb.state_dict()
     assert state["unfrozen"] == 2
 
     resumed, fresh_net = GradualUnfreezing(every=1), tiny_net()
     resumed.load_state_dict(state)
     assert resumed.every == 3
-    resumed.on_epoch_start(0, fresh_net, None)  # epoch counter restarted, state still wins
+    resumed.unfreeze(fresh_net, 0, None)  # epoch counter restarted, state still wins
     assert trainable_blocks(fresh_net) == ["backbone.stage1", "backbone.stage2", "head"]
 
 

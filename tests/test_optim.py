@@ -87,7 +87,7 @@ def test_trainable_only_excludes_frozen_params():
     assert [g["name"] for g in groups] == ["backbone.stage2", "head"]
     assert ids(p for g in groups for p in g["params"]) == ids(p for p in net.parameters() if p.requires_grad)
     freeze(net)
-    with pytest.raises(ValueError, match="no parameters to optimise"):
+    with pytest.raises(ValueError, match="has no trainable parameters"):
         param_groups(net, lr=0.1, trainable_only=True)
 
 
@@ -126,8 +126,14 @@ def test_param_groups_validates_other_options():
         param_groups(net, lr=0.1, head_lr_mult=0)
     with pytest.raises(ValueError, match="weight_decay"):
         param_groups(net, lr=0.1, weight_decay=-0.1)
-    with pytest.raises(TypeError, match="expected a d2lft.Net"):
-        param_groups(nn.Linear(2, 2), lr=0.1)
+    with pytest.raises(TypeError, match="expected an nn.Module"):
+        param_groups([nn.Parameter(torch.zeros(2))], lr=0.1)
+
+
+def test_a_plain_module_gets_one_group_with_the_same_decay_split():
+    groups = param_groups(nn.Linear(2, 2), lr=0.1, weight_decay=0.01)
+    assert [(g["name"], g["lr"], g["weight_decay"]) for g in groups] == [("params", 0.1, 0.01),
+                                                                          ("params.no_decay", 0.1, 0.0)]
 
 
 # ----------------------------------------------------------------------------- schedulers
@@ -293,7 +299,7 @@ def test_lr_find_validates():
         lr_find(net, loader, start_lr=1.0, end_lr=0.1, progress=False)
     with pytest.raises(ValueError, match="lr_find: start_lr must be a positive"):
         lr_find(net, loader, start_lr=0, progress=False)
-    with pytest.raises(ValueError, match="optimizer must be 'sgd' or 'adamw'"):
+    with pytest.raises(ValueError, match="optimizer='adam': expected one of"):
         lr_find(net, loader, optimizer="adam", progress=False)
     with pytest.raises(ValueError, match="loader yielded no batches"):
         lr_find(net, [], progress=False)

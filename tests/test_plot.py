@@ -230,27 +230,6 @@ def test_plot_filters_rgb_gray_and_first_conv_of_a_net():
 # ----------------------------------------------------------------------------- evaluation
 
 
-def test_confusion_matrix_matches_a_loop():
-    g = torch.Generator().manual_seed(0)
-    t = torch.randint(0, 4, (200,), generator=g)
-    p = torch.randint(0, 4, (200,), generator=g)
-    expected = torch.zeros(4, 4, dtype=torch.long)
-    for i, j in zip(t.tolist(), p.tolist()):
-        expected[i, j] += 1
-    assert torch.equal(plot.confusion_matrix(t, p, 4), expected)
-    scores = torch.nn.functional.one_hot(p, 4).float() + 0.01  # (N, C) scores: argmax is p
-    assert torch.equal(plot.confusion_matrix(t.tolist(), scores, 4), expected)
-
-
-def test_confusion_matrix_errors():
-    with pytest.raises(ValueError, match="must be in \\[0, 1\\]"):
-        plot.confusion_matrix([0, 2], [0, 1], 2)
-    with pytest.raises(ValueError, match="2 targets but 3 predictions"):
-        plot.confusion_matrix([0, 1], [0, 1, 1], 2)
-    with pytest.raises(ValueError, match="num_classes"):
-        plot.confusion_matrix([0], [0], 0)
-
-
 def test_plot_confusion_matrix_annotates_counts():
     ax = plot.plot_confusion_matrix([0, 0, 1, 2, 2, 2], [0, 1, 1, 2, 2, 0], classes=["a", "b", "c"])
     assert len(ax.images) == 1

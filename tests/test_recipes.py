@@ -6,11 +6,13 @@ import json
 import pytest
 import torch
 
+import d2lft.cli as cli
 import d2lft.recipes as recipes
-from d2lft.cli import main
+from d2lft import book
+from d2lft.cli import main, run_finetune
 from d2lft.data import image_folders
 from d2lft.models import create_model
-from d2lft.recipes import fine_tune, run_finetune
+from d2lft.recipes import fine_tune
 from d2lft.train import History
 
 QUIET = {"device": "cpu", "progress": False}
@@ -18,7 +20,7 @@ QUIET = {"device": "cpu", "progress": False}
 
 def lite0_and_data(root):
     net = create_model("efficientnet_lite0", num_classes=2)
-    data = image_folders(root, image_size=32, batch_size=4, mean=net.mean, std=net.std, progress=False)
+    data = image_folders(root, net, image_size=32, batch_size=4, progress=False)
     return net, data
 
 
@@ -58,16 +60,16 @@ def test_settings_are_checked_before_training(tiny_folder):
 
 @pytest.mark.parametrize("reason", ["interrupted", "non-finite"])
 def test_lp_ft_stops_after_a_halted_probe(tiny_folder, monkeypatch, reason):
-    halted = History(epoch=[1], train_loss=[0.7], val_acc=[0.5], interrupted=reason == "interrupted",
-                     stop_reason=f"{reason} at epoch 1")
-    monkeypatch.setattr(recipes, "_probe", lambda *a, **k: halted)
+    halted = History(epoch=[1], train_loss=[0.7], val_acc=[0.5],
+                     stop_reason="interrupted" if reason == "interrupted" else "non_finite_loss")
+    monkeypatch.setattr(recipes, "probe", lambda *a, **k: halted)
     monkeypatch.setattr(recipes, "fit", lambda *a, **k: pytest.fail("fine-tuned after a halted probe"))
     net, data = lite0_and_data(tiny_folder)
     assert fine_tune(net, data, strategy="lp-ft", epochs=1, **QUIET) is halted
 
 
 def test_a_run_interrupted_before_its_first_epoch_still_reports(tiny_folder, monkeypatch, tmp_path):
-    halted = History(interrupted=True, stop_reason="interrupted (KeyboardInterrupt) during epoch 1")
+    halted = History(stop_reason="interrupted", stop_message="interrupted (Ctrl-C) during epoch 1")
     monkeypatch.setattr(recipes, "fine_tune", lambda *a, **k: halted)
     report = run_finetune(tiny_folder, image_size=32, progress=False, checkpoint=tmp_path / "best.pt")
     assert report["val_acc"] is None and report["epochs"] == 0 and report["interrupted"]
@@ -75,13 +77,13 @@ def test_a_run_interrupted_before_its_first_epoch_still_reports(tiny_folder, mon
 
 
 def test_cli_ctrl_c_during_training_keeps_the_json_and_exits_130(tiny_folder, monkeypatch, tmp_path, capsys):
-    halted = History(epoch=[1], train_loss=[0.7], val_acc=[0.75], interrupted=True,
-                     stop_reason="interrupted (KeyboardInterrupt) during epoch 2")
+    halted = History(epoch=[1], train_loss=[0.7], val_acc=[0.75], stop_reason="interrupted",
+                     stop_message="interrupted (Ctrl-C) during epoch 2")
     monkeypatch.setattr(recipes, "fine_tune", lambda *a, **k: halted)
     out = tmp_path / "out.json"
     assert main(["finetune", str(tiny_folder), "--image-size", "32", "--json", str(out)]) == 130
     assert json.loads(out.read_text())["val_acc"] == 0.75
-    assert f"stopped: interrupted (KeyboardInterrupt) during epoch 2; kept {out}" in capsys.readouterr().err
+    assert f"stopped: interrupted (Ctrl-C) during epoch 2; kept {out}" in capsys.readouterr().err
 
 
 def test_cli_ctrl_c_outside_training_is_one_line(tiny_folder, monkeypatch, capsys):
@@ -94,5 +96,18 @@ def test_cli_ctrl_c_outside_training_is_one_line(tiny_folder, monkeypatch, capsy
 
 
 def test_course_settings_are_small_on_a_cpu():
-    settings = recipes.course_settings("cpu")
+    settings = book.settings("cpu")
     assert (settings.image_size, settings.batch_size, settings.epochs_scale) == (128, 32, 1)
+
+
+def test_fit_options_pass_through_and_settings_that_do_nothing_are_refused(tiny_folder, tmp_path):
+    net, data = lite0_and_data(tiny_folder)
+    history = fine_tune(net, data, strategy="finetune", epochs=2, best=None, early_stopping=None,
+                        checkpoint=tmp_path / "run.pt", **QUIET)
+    assert len(history) == 2 and (tmp_path / "run.pt").is_file()
+    with pytest.raises(ValueError, match="lr=1e-06 is the backbone's learning rate.*probe_lr"):
+        fine_tune(net, data, strategy="probe", lr=1e-6, **QUIET)
+    with pytest.raises(ValueError, match="lr=nan"):
+        fine_tune(net, data, strategy="finetune", lr=float("nan"), **QUIET)
+    with pytest.raises(ValueError, match="task= is fine_tune's own option"):
+        fine_tune(net, data, strategy="finetune", task="regression", **QUIET)

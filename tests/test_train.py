@@ -9,32 +9,16 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
+from nets import tiny_net
+
+from d2lft.callbacks import EarlyStopping
+from d2lft.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from d2lft.device import get_device, set_seed
 from d2lft.freeze import GradualUnfreezing
-from d2lft.net import Net
-from d2lft.train import (
-    CheckpointError,
-    EarlyStopping,
-    History,
-    evaluate,
-    fit,
-    get_device,
-    load_checkpoint,
-    predict,
-    save_checkpoint,
-    set_seed,
-)
+from d2lft.net import Net, Preprocessing
+from d2lft.train import History, evaluate, fit, predict
 
 QUIET = {"progress": False, "device": "cpu"}
-
-
-def tiny_net(num_outputs: int = 2, *, seed: int = 0, dropout: float = 0.0) -> Net:
-    torch.manual_seed(seed)
-    backbone = nn.Sequential()
-    backbone.add_module("stem", nn.Sequential(nn.Conv2d(3, 6, 3, padding=1), nn.BatchNorm2d(6), nn.ReLU()))
-    backbone.add_module("stage", nn.Sequential(nn.Conv2d(6, 8, 3, padding=1), nn.ReLU()))
-    backbone.add_module("pool", nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten()))
-    head = nn.Sequential(nn.Dropout(dropout), nn.Linear(8, num_outputs))
-    return Net(backbone, head, blocks=["stem", "stage"], num_features=8, name="tiny")
 
 
 def images(n: int = 48, *, seed: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
@@ -61,11 +45,11 @@ class Snapshots:
         self.weights: list[dict[str, torch.Tensor]] = []
         self.starts: list[int] = []
 
-    def on_epoch_start(self, epoch, net, optimizer) -> None:
-        self.starts.append(epoch)
+    def on_epoch_start(self, run) -> None:
+        self.starts.append(run.epoch)
 
-    def on_epoch_end(self, epoch, net, optimizer, history) -> None:
-        self.weights.append(copy.deepcopy(net.state_dict()))
+    def on_epoch_end(self, run) -> None:
+        self.weights.append(copy.deepcopy(run.net.state_dict()))
 
 
 def same_weights(net: nn.Module, state: dict[str, torch.Tensor]) -> bool:
@@ -128,7 +112,7 @@ def test_regression_records_mae_with_float_targets() -> None:
     x, _ = images()
     target = x[:, 0].mean((1, 2)) * 3  # shape (N,), the net outputs (N, 1)
     data = loader(x, target, shuffle=True, seed=0)
-    history = fit(tiny_net(1), data, data, epochs=5, lr=1e-2, task="regression", monitor="val_mae", seed=0, **QUIET)
+    history = fit(tiny_net(1), data, data, epochs=5, lr=1e-2, task="regression", best="val_mae", seed=0, **QUIET)
     assert history.val_acc == [None] * 5 and history.train_acc == [None] * 5
     assert history.val_mae[-1] < history.val_mae[0]
     assert history.best_value == min(history.val_mae)
@@ -157,8 +141,8 @@ def test_callbacks_see_every_epoch_from_zero() -> None:
         ({"lr": -1.0}, "lr must be a positive finite number"),
         ({"lr": math.nan}, "lr must be a positive finite number"),
         ({"task": "segmentation"}, "task='segmentation' is not one of"),
-        ({"monitor": "val_f1"}, "monitor='val_f1' is not one of"),
-        ({"task": "regression", "monitor": "val_acc"}, "monitor='val_acc' does not exist for task='regression'"),
+        ({"best": "val_f1"}, "best='val_f1' is not one of"),
+        ({"task": "regression", "best": "val_acc"}, "best='val_acc' does not exist for task='regression'"),
         ({"early_stopping": 0}, "patience must be None or an int >= 1"),
         ({"val": None, "early_stopping": 2}, "early_stopping=2 needs a val_loader"),
         ({"train": loader(torch.zeros(0, 3, 8, 8), torch.zeros(0).long())}, "train_loader is empty"),
@@ -190,13 +174,13 @@ def test_early_stopping_stops_and_restores_the_best_weights() -> None:
     assert history.stopped_early and len(history) < 20
     assert history.best_epoch == 1 + min(range(len(history)), key=history.val_loss.__getitem__)
     assert len(history) == history.best_epoch + 2
-    assert "did not improve for 2 epochs" in history.stop_reason
+    assert history.stop_reason == "early_stopping" and "did not improve for 2 epochs" in history.stop_message
     assert same_weights(net, snaps.weights[history.best_epoch - 1])
     assert not same_weights(net, snaps.weights[-1])
 
 
 def test_early_stopping_tracker_modes() -> None:
-    stopper = EarlyStopping(patience=1, mode="max")
+    stopper = EarlyStopping(patience=1, monitor="val_acc")
     assert stopper.update(0.5, epoch=1) and not stopper.update(0.5, epoch=2)  # a tie is no improvement
     assert stopper.should_stop and stopper.best_epoch == 1
     assert not EarlyStopping(None).should_stop
@@ -227,7 +211,8 @@ def test_non_finite_loss_stops_with_a_reason_and_keeps_the_best_weights() -> Non
     with pytest.warns(RuntimeWarning, match="non-finite loss at epoch 2 step 3"):
         history = fit(net, loader(x, y), loader(x, y), epochs=4, lr=1e-2, loss_fn=FailAt(2, 3, 4, fault="nan"),
                       callbacks=[snaps], **QUIET)
-    assert history.stop_reason == "non-finite loss at epoch 2 step 3"
+    assert history.stop_reason == "non_finite_loss" and history.halted
+    assert history.stop_message == "non-finite loss at epoch 2 step 3"
     assert len(history) == 1 and not history.interrupted and not history.stopped_early
     assert all(torch.isfinite(v).all() for v in net.state_dict().values())
     assert same_weights(net, snaps.weights[0])
@@ -242,17 +227,16 @@ def test_non_finite_loss_in_the_first_epoch_returns_to_the_initial_weights() -> 
     assert len(history) == 0 and same_weights(net, initial)
 
 
-def test_keyboard_interrupt_returns_the_history_and_the_best_weights(capsys) -> None:
+def test_keyboard_interrupt_returns_the_history_and_the_best_weights() -> None:
     x, y = images(32)
     snaps = Snapshots()
     net = tiny_net()
-    history = fit(net, loader(x, y), loader(x, y), epochs=5, loss_fn=FailAt(3, 2, 4, fault="interrupt"),
-                  callbacks=[snaps], **QUIET)
-    assert history.interrupted and len(history) == 2
-    assert history.stop_reason == "interrupted (KeyboardInterrupt) during epoch 3"
+    with pytest.warns(RuntimeWarning, match="interrupted .* stopped after 2 finished epoch.* kept the best weights"):
+        history = fit(net, loader(x, y), loader(x, y), epochs=5, loss_fn=FailAt(3, 2, 4, fault="interrupt"),
+                      callbacks=[snaps], **QUIET)
+    assert history.interrupted and history.halted and len(history) == 2
+    assert history.stop_reason == "interrupted" and history.stop_message == "interrupted (Ctrl-C) during epoch 3"
     assert same_weights(net, snaps.weights[history.best_epoch - 1])
-    lines = capsys.readouterr().out.strip().splitlines()
-    assert len(lines) == 1 and "interrupted" in lines[0] and "best weights restored" in lines[0]
 
 
 # ----------------------------------------------------------------------------- checkpoints
@@ -351,8 +335,8 @@ class InterruptAt:
     def __init__(self, epoch: int) -> None:
         self.epoch = epoch
 
-    def on_epoch_start(self, epoch, net, optimizer) -> None:
-        if epoch == self.epoch:
+    def on_epoch_start(self, run) -> None:
+        if run.epoch == self.epoch:
             raise KeyboardInterrupt
 
 
@@ -369,7 +353,8 @@ def test_resume_continues_the_run_exactly(tmp_path) -> None:
         return history, net, unfreezing
 
     whole, whole_net, _ = run()
-    first, _, _ = run(extra=[InterruptAt(2)], checkpoint=tmp_path / "run.pt")
+    with pytest.warns(RuntimeWarning, match="interrupted"):
+        first, _, _ = run(extra=[InterruptAt(2)], checkpoint=tmp_path / "run.pt")
     assert first.interrupted and len(first) == 2
     resumed, resumed_net, unfreezing = run(resume=tmp_path / "run.pt")
     assert len(resumed) == 4 and unfreezing.unfrozen_ == 2
@@ -385,7 +370,7 @@ def test_resume_with_other_callbacks_is_refused(tmp_path) -> None:
     fit(tiny_net(), loader(x, y), epochs=1, callbacks=[GradualUnfreezing()], checkpoint=tmp_path / "run.pt", **QUIET)
 
     class Stateful:
-        def on_epoch_end(self, *args):
+        def on_epoch_end(self, run):
             pass
 
         def state_dict(self):
@@ -394,7 +379,7 @@ def test_resume_with_other_callbacks_is_refused(tmp_path) -> None:
         def load_state_dict(self, state):
             pass
 
-    with pytest.raises(CheckpointError, match=r"callbacks \['GradualUnfreezing'\], but got \['Stateful'\]"):
+    with pytest.raises(CheckpointError, match=r"'GradualUnfreezing'\], but got \['EarlyStopping', 'Stateful'\]"):
         fit(tiny_net(), loader(x, y), epochs=2, callbacks=[Stateful()], resume=tmp_path / "run.pt", **QUIET)
 
 
@@ -423,3 +408,30 @@ def test_get_device_never_returns_none() -> None:
     assert isinstance(device, torch.device)
     if not torch.cuda.is_available():
         assert device.type in ("cpu", "mps")
+
+
+# ----------------------------------------------------------------------------- what fit leaves alone
+
+
+def test_fit_refuses_images_normalised_for_other_weights() -> None:
+    x, y = images(8)
+    data = loader(x, y)
+    data.dataset.preprocessing = Preprocessing()  # as image_folders marks its datasets: ImageNet's statistics
+    net = tiny_net()
+    net.preprocessing = Preprocessing(mean=(0.5,) * 3, std=(0.5,) * 3)
+    with pytest.raises(ValueError, match=r"expects mean \(0.5, 0.5, 0.5\).*ft.image_folders\(root, net\)"):
+        fit(net, data, epochs=1, **QUIET)
+    net.preprocessing = Preprocessing()
+    assert len(fit(net, data, epochs=1, **QUIET)) == 1
+
+
+def test_fit_leaves_the_net_in_the_usual_memory_format_and_the_allocator_alone(monkeypatch) -> None:
+    import d2lft.device
+
+    calls = []
+    monkeypatch.setattr(d2lft.device, "keep_freed_memory", lambda *a, **k: calls.append(1))
+    net = tiny_net()
+    x, y = images(16)
+    fit(net, loader(x, y), epochs=1, channels_last=True, **QUIET)
+    conv = net.backbone.stem[0].weight
+    assert conv.is_contiguous() and not calls

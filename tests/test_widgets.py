@@ -12,7 +12,9 @@ from PIL import Image
 from torch import nn
 
 from d2lft import widgets
-from d2lft.net import Net
+from d2lft.net import Net, Preprocessing
+
+IMAGENET = Preprocessing()
 
 
 @pytest.fixture(autouse=True)
@@ -94,7 +96,7 @@ def test_schedule_explorer_validates_arguments():
 def test_augmentation_explorer_presets_sliders_and_resampling():
     images = photos()
     rng = torch.get_rng_state()
-    explorer = widgets.augmentation_explorer(images, image_size=32, versions=3)
+    explorer = widgets.augmentation_explorer(images, IMAGENET, image_size=32, versions=3)
     c = explorer.controls
     first = png(explorer)
     assert "RandomResizedCrop" in c["pipeline"].value
@@ -115,18 +117,18 @@ def test_augmentation_explorer_presets_sliders_and_resampling():
 
 def test_augmentation_explorer_is_reproducible_with_a_seed(tiny_folder):
     paths = sorted((tiny_folder / "train" / "a").glob("*.jpg"))
-    a = widgets.augmentation_explorer(paths, image_size=24, versions=2, seed=3)
-    b = widgets.augmentation_explorer(paths, image_size=24, versions=2, seed=3)
+    a = widgets.augmentation_explorer(paths, IMAGENET, image_size=24, versions=2, seed=3)
+    b = widgets.augmentation_explorer(paths, IMAGENET, image_size=24, versions=2, seed=3)
     assert png(a) == png(b)
     batch = torch.randint(0, 256, (2, 3, 30, 30), dtype=torch.uint8)
-    png(widgets.augmentation_explorer(batch, image_size=24, versions=2))
+    png(widgets.augmentation_explorer(batch, IMAGENET, image_size=24, versions=2))
 
 
 def test_augmentation_explorer_rejects_normalized_images():
     with pytest.raises(ValueError, match="not normalized"):
-        widgets.augmentation_explorer([torch.randn(3, 20, 20) * 3], image_size=16)
+        widgets.augmentation_explorer([torch.randn(3, 20, 20) * 3], IMAGENET, image_size=16)
     with pytest.raises(ValueError, match="no images"):
-        widgets.augmentation_explorer([], image_size=16)
+        widgets.augmentation_explorer([], IMAGENET, image_size=16)
 
 
 # ----------------------------------------------------------------------------- freezing

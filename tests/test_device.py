@@ -8,7 +8,7 @@ import pytest
 
 PROBE = """
 import resource, sys, torch
-from d2lft.cpu import keep_freed_memory
+from d2lft.device import keep_freed_memory
 if sys.argv[1] == "on":
     assert keep_freed_memory()
 def faults():
