@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import make_image_folder
+from conftest import make_image_folder, realpath_limit_tar
 from PIL import Image
 
 from d2lft import data, download
@@ -28,6 +28,9 @@ from d2lft.data import (
 from d2lft.synthetic import CLASSES, make_shapes
 
 FAST = dict(image_size=32, batch_size=4, progress=False)
+
+
+REAL_DOWNLOAD_URL = download.download_url
 
 
 @pytest.fixture(autouse=True)
@@ -155,6 +158,21 @@ def test_download_with_the_wrong_layout_is_refused(tmp_path, monkeypatch):
     with pytest.raises(DatasetNotAvailableError, match="no images in train/bees"):
         get_dataset("hymenoptera", root=root)
     assert list(root.iterdir()) == []
+
+
+def test_crafted_archive_saved_where_the_message_says_writes_nothing_outside(tmp_path, monkeypatch):
+    # Issue 11, defect 1: the by-hand advice says "save it as <root>/hymenoptera_data.zip"; hymenoptera has
+    # no published SHA-1, so a file there is used as is. A tar under that name, crafted for Python's
+    # CVE-2025-4517, wrote escape/evil.txt next to the data folder and the command said "ready".
+    monkeypatch.setattr(download, "download_url", REAL_DOWNLOAD_URL)  # the real one: it reuses the file
+    root = tmp_path / "data"
+    root.mkdir()
+    staging = len(str(root)) + len("/.hymenoptera_data-") + 8 + len("/.hymenoptera_data.zip.extracting-") + 8
+    realpath_limit_tar(root / "hymenoptera_data.zip", extract_dir_length=staging, climb=3)
+    with pytest.raises(DatasetNotAvailableError, match="could not extract .*is a symbolic link"):
+        get_dataset("hymenoptera", root=root)
+    assert not list(tmp_path.rglob("evil.txt"))
+    assert list(root.iterdir()) == []  # the bad archive is deleted, no staging folder is left
 
 
 @pytest.mark.parametrize("how", ["download=False", "offline"])
