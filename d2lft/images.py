@@ -29,6 +29,11 @@ IMAGE_EXTENSIONS: frozenset[str] = frozenset(
 #: Same default as ``PIL.Image.MAX_IMAGE_PIXELS`` (about 9459 x 9459): bigger images are refused.
 DEFAULT_MAX_PIXELS = 89_478_485
 
+#: Images whose longer side is more than this many times their shorter side are refused by default: a
+#: banner or strip is no photo, and resizing its shorter side to the model's input size multiplies the
+#: longer one (an 11,000,000 x 8 PNG of 85 KB would become a 250-megapixel image at 183 px).
+DEFAULT_MAX_ASPECT = 50
+
 #: Images whose shorter side is below this many pixels are refused by default (see :func:`load_image`).
 DEFAULT_MIN_SIZE = 8
 
@@ -80,6 +85,7 @@ def load_image(
     *,
     max_pixels: int | None = DEFAULT_MAX_PIXELS,
     min_size: int = DEFAULT_MIN_SIZE,
+    max_aspect: float | None = DEFAULT_MAX_ASPECT,
     exif_transpose: bool = True,
     draft: int | None = None,
 ) -> Image.Image:
@@ -97,6 +103,9 @@ def load_image(
     images over twice ``PIL.Image.MAX_IMAGE_PIXELS``, which d2lft never changes), and images whose shorter
     side is below ``min_size`` pixels (default 8: such files are icons, spacers and tracking pixels, not
     photos, and a network that downsamples 32x sees nothing in them; pass ``min_size=1`` to accept them).
+    Images whose longer side is more than ``max_aspect`` times the shorter one (default 50: a strip, not a
+    photo; ``None`` accepts any shape) are refused from the header too, so a thin image that stays under
+    ``max_pixels`` is never decoded and then blown up by a resize.
     A missing file raises ``FileNotFoundError``. Note that truncated files only fail if nobody set the
     global ``PIL.ImageFile.LOAD_TRUNCATED_IMAGES = True``.
 
@@ -133,7 +142,7 @@ def load_image(
             # clean RGB image or one BadImageError, never a stream of warnings from a data loader.
             warnings.simplefilter("ignore")
             with Image.open(path) as img:
-                _check_size(path, img.size, max_pixels=max_pixels, min_size=min_size)
+                _check_size(path, img, max_pixels=max_pixels, min_size=min_size, max_aspect=max_aspect)
                 if getattr(img, "is_animated", False):
                     img.seek(0)
                 if draft is not None and img.format == "JPEG":
@@ -155,17 +164,28 @@ def load_image(
     return rgb
 
 
-def _check_size(path: Path, size: tuple[int, int], *, max_pixels: int | None, min_size: int) -> None:
-    width, height = size
-    if max_pixels is not None and width * height > max_pixels:
+def _check_size(path: Path, img: Image.Image, *, max_pixels: int | None, min_size: int,
+                max_aspect: float | None) -> None:
+    """Refuse from the header (``Image.open`` has read only that) what must not be decoded."""
+    width, height = img.size
+    pixels = width * height
+    decoded = f"{pixels * len(img.getbands()) / 1e6:,.0f} MB decoded"
+    if max_pixels is not None and pixels > max_pixels:
         raise BadImageError(
             path,
-            f"{width}x{height} = {width * height:,} pixels exceeds max_pixels={max_pixels:,} "
+            f"{width}x{height} = {pixels:,} pixels ({decoded}) exceeds max_pixels={max_pixels:,} "
             "(could be a decompression bomb; pass a larger max_pixels if you trust the file)",
         )
     if min(width, height) < min_size:
         raise BadImageError(
             path, f"the image is only {width}x{height} pixels, below min_size={min_size} (an icon or placeholder?)"
+        )
+    if max_aspect is not None and max(width, height) > max_aspect * min(width, height):
+        raise BadImageError(
+            path,
+            f"the image is {width}x{height} pixels ({decoded}), an aspect ratio of "
+            f"{max(width, height) / max(min(width, height), 1):,.0f}:1 beyond max_aspect={max_aspect:g} "
+            "(a strip or banner, not a photo; pass max_aspect=None if you trust the file)",
         )
 
 
