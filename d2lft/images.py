@@ -14,12 +14,16 @@ from __future__ import annotations
 
 import os
 import warnings
+from collections.abc import Iterable
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
 
-__all__ = ["IMAGE_EXTENSIONS", "BadImageError", "is_image_file", "load_image"]
+__all__ = [
+    "IMAGE_EXTENSIONS", "BadImageError", "DuplicateImageWarning", "is_image_file", "load_image", "printable_path",
+    "scan_images", "shared_files",
+]
 
 #: File name endings treated as images (compared in lower case).
 IMAGE_EXTENSIONS: frozenset[str] = frozenset(
@@ -243,3 +247,124 @@ def _reason(err: BaseException) -> str:
     if "truncated" in text or isinstance(err, EOFError):
         return f"the file is truncated ({text}), probably an interrupted download"
     return f"{type(err).__name__}: {text}"
+
+
+# ------------------------------------------------------------------------------------- folders
+
+
+class DuplicateImageWarning(UserWarning):
+    """The same file (through a link) is in two splits, e.g. a validation image also in train/."""
+
+
+def printable_path(path: str | os.PathLike[str]) -> str:
+    """``path`` as a str that can always be printed and written to JSON.
+
+    A file name that is not valid UTF-8 comes back from ``os.scandir`` with surrogate escapes, which
+    ``print`` and UTF-8 files refuse; here its odd bytes are shown as ``\\xNN``.
+
+    >>> printable_path(os.fsdecode(b"caf\\xe9.jpg"))
+    'caf\\\\xe9.jpg'
+    """
+    return os.fsencode(path).decode("utf-8", "backslashreplace")
+
+
+def scan_images(
+    folder: str | os.PathLike[str], *, extensions: Iterable[str] = IMAGE_EXTENSIONS
+) -> tuple[list[str], list[tuple[str, str]]]:
+    """Walk ``folder`` once: ``(image files, skipped)``, where skipped holds ``(name, reason)`` pairs.
+
+    Links to folders are followed, but every folder and file is read once (by its resolved identity), so
+    a link loop such as ``ln -s . self`` adds nothing. Hidden files and folders (``.ipynb_checkpoints``,
+    ``.DS_Store``, macOS ``._`` twins) are ignored. Reported in ``skipped``, not raised: dangling links,
+    files that are not regular files (a pipe named ``.jpg`` would block a reader), files whose name does
+    not end in one of ``extensions``, a second link to a file already listed, and sub-folders that cannot
+    be read. Files are paths under ``folder`` (the order of ``torchvision.datasets.ImageFolder``: each
+    folder's files sorted, folders sorted by path); skipped names are :func:`printable_path` strings.
+
+    >>> import tempfile
+    >>> with tempfile.TemporaryDirectory() as tmp:
+    ...     for name in ("b.jpg", "a.png", "notes.txt"):
+    ...         _ = Path(tmp, name).write_bytes(b"")
+    ...     os.symlink(".", Path(tmp, "loop"))
+    ...     files, skipped = scan_images(tmp)
+    >>> [Path(f).name for f in files], [Path(name).name for name, reason in skipped]
+    (['a.png', 'b.jpg'], ['loop', 'notes.txt'])
+    """
+    wanted = tuple(e.lower() for e in extensions)
+    top = os.fspath(folder)
+    seen_folders: dict[tuple[int, int], str] = {}
+    seen_files: dict[tuple[int, int], str] = {}
+    found: list[tuple[str, list[str]]] = []
+    skipped: list[tuple[str, str]] = []
+    try:
+        info = os.stat(top)
+    except OSError as err:
+        return [], [(printable_path(top), f"cannot read this folder ({err.strerror or err})")]
+    seen_folders[(info.st_dev, info.st_ino)] = top
+    pending = [top]
+    while pending:
+        current = pending.pop()
+        try:
+            with os.scandir(current) as it:
+                # Real entries before links, so a folder or file reached both ways is listed under its own name.
+                entries = sorted(it, key=lambda e: (e.is_symlink(), e.name))
+        except OSError as err:
+            skipped.append((printable_path(current), f"cannot read this folder ({err.strerror or err})"))
+            continue
+        files = []
+        for entry in entries:
+            if entry.name.startswith("."):
+                continue
+            path = entry.path
+            try:
+                info = entry.stat()  # follows links
+            except OSError as err:
+                reason = (f"a link to {printable_path(os.readlink(path))!r}, which does not exist"
+                          if entry.is_symlink() else f"cannot read it ({err.strerror or err})")
+                skipped.append((printable_path(path), reason))
+                continue
+            identity = (info.st_dev, info.st_ino)
+            if entry.is_dir():
+                if identity in seen_folders:
+                    skipped.append((printable_path(path), f"the same folder as {printable_path(seen_folders[identity])}"
+                                                          ", already read (a link loop?): not read again"))
+                else:
+                    seen_folders[identity] = path
+                    pending.append(path)
+            elif not entry.is_file():
+                skipped.append((printable_path(path), "not a regular file (a pipe, socket or device)"))
+            elif not entry.name.lower().endswith(wanted):
+                suffix = Path(entry.name).suffix or "no extension"
+                skipped.append((printable_path(path), f"{printable_path(suffix)} is not an image type read here "
+                                                      f"({' '.join(wanted)}); pass extensions=... to read it"))
+            elif identity in seen_files:
+                skipped.append((printable_path(path), f"the same file as {printable_path(seen_files[identity])} "
+                                                      "(a link): read once"))
+            else:
+                seen_files[identity] = path
+                files.append(path)
+        found.append((current, sorted(files)))
+    found.sort(key=lambda item: item[0])  # ImageFolder's order: folders by path, each one's files by name
+    skipped.sort()
+    return [path for _, files in found for path in files], skipped
+
+
+def shared_files(first: Iterable[str], second: Iterable[str]) -> list[tuple[str, str]]:
+    """Pairs ``(a, b)`` of paths from ``first`` and ``second`` that are the same file (links or hard links).
+
+    >>> import tempfile
+    >>> with tempfile.TemporaryDirectory() as tmp:
+    ...     _ = Path(tmp, "a.jpg").write_bytes(b"")
+    ...     os.symlink(Path(tmp, "a.jpg"), Path(tmp, "b.jpg"))
+    ...     [(Path(a).name, Path(b).name) for a, b in shared_files([f"{tmp}/a.jpg"], [f"{tmp}/b.jpg"])]
+    [('a.jpg', 'b.jpg')]
+    """
+    def identity(path: str) -> tuple[int, int] | None:
+        try:
+            info = os.stat(path)
+        except OSError:
+            return None
+        return info.st_dev, info.st_ino
+
+    index = {key: path for path in first if (key := identity(path)) is not None}
+    return [(index[key], path) for path in second if (key := identity(path)) in index]

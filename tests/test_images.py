@@ -381,3 +381,32 @@ def test_long_thin_image_costs_no_memory(tmp_path):
     message, grown_mb = out.strip().splitlines()
     assert "max_aspect" in message, message
     assert int(grown_mb) < 50, f"peak memory grew by {grown_mb} MB while refusing the image"
+
+
+# Issue 11, defect 5: one walk of a folder, in ImageFolder's order, each file and folder once.
+
+
+def test_scan_images_lists_what_imagefolder_lists_in_the_same_order(tmp_path):
+    from torchvision.datasets.folder import make_dataset
+
+    from d2lft.images import scan_images
+
+    for rel in ["b.jpg", "a.png", "sub/z.jpg", "sub/deeper/y.JPG", "sub-2/x.webp", "A/w.jpg"]:
+        (tmp_path / "cls" / rel).parent.mkdir(parents=True, exist_ok=True)
+        _save(Image.new("RGB", (8, 8)), tmp_path / "cls" / rel, format="PNG")
+    reference = [p for p, _ in make_dataset(str(tmp_path), {"cls": 0}, extensions=tuple(IMAGE_EXTENSIONS))]
+    files, skipped = scan_images(tmp_path / "cls")
+    assert files == reference and skipped == []
+
+
+def test_scan_images_reads_a_folder_reached_twice_once(tmp_path):
+    from d2lft.images import scan_images
+
+    (tmp_path / "real").mkdir()
+    _save(Image.new("RGB", (8, 8)), tmp_path / "real" / "0.png")
+    (tmp_path / "link").symlink_to(tmp_path / "real")
+    (tmp_path / "real" / "up").symlink_to(tmp_path)  # a loop through the parent
+    files, skipped = scan_images(tmp_path)
+    assert len(files) == 1
+    assert files == [str(tmp_path / "real" / "0.png")]
+    assert sorted(Path(name).name for name, _ in skipped) == ["link", "up"]
