@@ -601,13 +601,17 @@ def _samples(split_dir: Path, classes: list[str], *, extensions: tuple[str, ...]
              skipped: list[str]) -> list[tuple[str, object]]:
     """(path, class index or float target) for each image file; other visible files go to `skipped`."""
     class_to_idx = {c: i for i, c in enumerate(classes)}
-    samples = []
+    samples, by_class = [], []
     for name in classes:  # one walk per class folder: no link followed twice, nothing bad dropped silently
         files, bad = scan_images(split_dir / name, extensions=extensions)
         samples += [(path, class_to_idx[name]) for path in files]
+        by_class.append(files)
         for path, reason in bad:
             skipped.append(path)
             warnings.warn(f"skipping {path}: {reason}", BadImageWarning, stacklevel=3)
+    for first, second in shared_files(*by_class):
+        warnings.warn(f"{second} is the same file as {first} (a link): one image under two labels; remove one",
+                      DuplicateImageWarning, stacklevel=3)
     for name in classes:
         if not any(index == class_to_idx[name] for _, index in samples):
             raise ValueError(f"class folder {split_dir / name} has no images ({' '.join(extensions)}): "

@@ -349,8 +349,11 @@ def scan_images(
     return [path for _, files in found for path in files], skipped
 
 
-def shared_files(first: Iterable[str], second: Iterable[str]) -> list[tuple[str, str]]:
-    """Pairs ``(a, b)`` of paths from ``first`` and ``second`` that are the same file (links or hard links).
+def shared_files(*groups: Iterable[str]) -> list[tuple[str, str]]:
+    """Pairs ``(a, b)`` of paths from two different groups that are the same file (links or hard links).
+
+    The groups are splits (a validation image linked into train/) or class folders (one image under two
+    labels); ``a`` is from the earlier group.
 
     >>> import tempfile
     >>> with tempfile.TemporaryDirectory() as tmp:
@@ -359,12 +362,15 @@ def shared_files(first: Iterable[str], second: Iterable[str]) -> list[tuple[str,
     ...     [(Path(a).name, Path(b).name) for a, b in shared_files([f"{tmp}/a.jpg"], [f"{tmp}/b.jpg"])]
     [('a.jpg', 'b.jpg')]
     """
-    def identity(path: str) -> tuple[int, int] | None:
-        try:
-            info = os.stat(path)
-        except OSError:
-            return None
-        return info.st_dev, info.st_ino
-
-    index = {key: path for path in first if (key := identity(path)) is not None}
-    return [(index[key], path) for path in second if (key := identity(path)) in index]
+    first_seen: dict[tuple[int, int], tuple[int, str]] = {}
+    pairs = []
+    for number, group in enumerate(groups):
+        for path in group:
+            try:
+                info = os.stat(path)
+            except OSError:
+                continue
+            group_and_path = first_seen.setdefault((info.st_dev, info.st_ino), (number, path))
+            if group_and_path[0] != number:
+                pairs.append((group_and_path[1], path))
+    return pairs

@@ -324,6 +324,13 @@ def test_a_link_from_train_into_val_is_named_in_a_warning(tiny_folder):
     assert str(val_image) in message and str(tiny_folder / "train" / "a" / "from-val.jpg") in message
 
 
+def test_a_class_folder_linked_to_another_is_named_in_a_warning(tiny_folder):
+    shutil.rmtree(tiny_folder / "train" / "b")
+    os.symlink("a", tiny_folder / "train" / "b")  # the same images under two labels
+    with pytest.warns(DuplicateImageWarning, match="one image under two labels"):
+        image_folders(tiny_folder, **FAST)
+
+
 def test_a_pipe_named_jpg_and_an_unreadable_folder_are_reported(tiny_folder, monkeypatch):
     os.mkfifo(tiny_folder / "train" / "a" / "pipe.jpg")  # a reader would block on it forever
     locked = tiny_folder / "train" / "b" / "locked"
