@@ -296,7 +296,10 @@ def _extract_tar(archive: Path, staging: Path) -> None:
     # filter at all). A dataset needs no links, so none are extracted, and every file is written here.
     try:
         with tarfile.open(archive) as tf:
-            members = tf.getmembers()
+            try:
+                members = tf.getmembers()
+            except OSError as err:  # a header whose size sends the reader past what a file can hold
+                raise DownloadError(f"{archive} is damaged ({err}): delete it and download it again") from err
             for member in members:
                 _check_name(archive, member.name)
                 _check_length(archive, member.name, staging)

@@ -410,3 +410,13 @@ def test_tar_files_are_written_without_setuid_or_exec_bits(tmp_path):
     folder = extract_archive(_tar(tmp_path / "m.tar", [info], mode="w"), tmp_path / "dest")
     assert stat.S_IMODE((folder / "run.sh").stat().st_mode) & 0o7111 == 0
     assert (folder / "run.sh").read_bytes() == b"evil"
+
+
+def test_tar_header_with_an_impossible_size_is_reported_as_damaged(tmp_path):
+    archive = tmp_path / "huge.tar"
+    info = tarfile.TarInfo("set/big")
+    info.size = 10**15  # the reader seeks past the largest file offset: OSError (EINVAL) in tarfile
+    archive.write_bytes(info.tobuf(tarfile.GNU_FORMAT) + bytes(1024))
+    with pytest.raises(DownloadError, match="damaged"):
+        extract_archive(archive, tmp_path / "dest")
+    assert list((tmp_path / "dest").iterdir()) == []
