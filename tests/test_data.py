@@ -364,8 +364,10 @@ def test_a_non_utf8_file_name_is_reported_as_printable_json_safe_text(tiny_folde
     (tiny_folder / "train" / "a" / name).write_text("not an image")
     bad_image = os.fsdecode(b"\xff\xfe.jpg")
     (tiny_folder / "train" / "b" / bad_image).write_bytes(b"")
+    shutil.copy(tiny_folder / "train" / "b" / "0.jpg", tiny_folder / "train" / "b" / os.fsdecode(b"\xe9t\xe9.jpg"))
     with pytest.warns(BadImageWarning):
         result = image_folders(tiny_folder, **FAST)
+    assert len(result.train_dataset) == 9  # a good image with such a name is read like any other
     assert sorted(result.skipped) == sorted([f"{tiny_folder}/train/a/caf\\xe9.txt", f"{tiny_folder}/train/b/\\xff\\xfe.jpg"])
     text = json.dumps({"skipped": result.skipped}, ensure_ascii=False)
     text.encode("utf-8")  # what writing the JSON (or printing it) does: no UnicodeEncodeError
