@@ -420,3 +420,11 @@ def test_tar_header_with_an_impossible_size_is_reported_as_damaged(tmp_path):
     with pytest.raises(DownloadError, match="damaged"):
         extract_archive(archive, tmp_path / "dest")
     assert list((tmp_path / "dest").iterdir()) == []
+
+
+def test_zip_member_longer_than_path_max_is_refused_before_anything_is_written(tmp_path):
+    archive = tmp_path / "long.zip"
+    archive.write_bytes(_zip_bytes({"set/ok.txt": b"ok", "/".join(["d" * 200] * 21) + "/0.txt": b"x"}))
+    with pytest.raises(UnsafeArchiveError, match="too long to extract"):  # was an OSError traceback
+        extract_archive(archive, tmp_path / "dest")
+    assert list((tmp_path / "dest").iterdir()) == []
