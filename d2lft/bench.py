@@ -6,8 +6,10 @@ figure is the median over the timed steps after a few warm-up steps.
 """
 from __future__ import annotations
 
+import copy
 import statistics
 import time
+import warnings
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -76,8 +78,13 @@ def _images_per_second(timed: TimedLoader, warmup: int) -> tuple[float, int]:
     return timed.batch_sizes[0] / statistics.median(steps), len(steps)
 
 
-def _plain_loader(root: Path, *, image_size: int, batch_size: int, mean, std) -> DataLoader:
-    """torchvision's ImageFolder with PIL transforms: every epoch decodes every JPEG again."""
+def _plain_loader(checked, *, image_size: int, batch_size: int, mean, std) -> DataLoader:
+    """torchvision's ImageFolder loading and PIL transforms: every epoch decodes every JPEG again.
+
+    ``checked`` is the train dataset of ``image_folders(..., cache=False)``: an ImageFolder over the files
+    finetune's rules accept (bad images, hidden folders and link loops already left out), so every contender
+    trains on the same files and none ends in a traceback on a file finetune skips.
+    """
     from torchvision import datasets
     from torchvision.transforms import v2
 
@@ -90,7 +97,8 @@ def _plain_loader(root: Path, *, image_size: int, batch_size: int, mean, std) ->
             v2.Normalize(mean, std),
         ]
     )
-    dataset = datasets.ImageFolder(root / "train", transform=transform)
+    dataset = copy.copy(checked)  # shallow: the same file list, the plain loader and transform
+    dataset.loader, dataset.transform = datasets.folder.default_loader, transform
     return DataLoader(dataset, batch_size=batch_size, shuffle=True, drop_last=True)
 
 
@@ -116,7 +124,7 @@ def bench(
     >>> report = bench(model="efficientnet_lite0", image_size=32, batch_size=4, steps=2, warmup=1,
     ...                contenders=("plain", "fit"))  # doctest: +SKIP
     """
-    from d2lft.data import image_folders
+    from d2lft.data import BadImageWarning, image_folders
     from d2lft.datasets import course_dataset
     from d2lft.device import keep_freed_memory, resolve_device
     from d2lft.models import create_model
@@ -132,17 +140,22 @@ def bench(
     unknown = [name for name in contenders if name not in order]
     if unknown:
         raise ConfigError(f"bench: unknown contender {unknown[0]!r}; expected plain, fit_plain or fit")
+    reference = create_model(model, pretrained=False)  # for its preprocessing
+    # The folder is checked once, with finetune's rules; bad files are reported here and skipped by all.
+    checked = image_folders(root, reference, image_size=image_size, batch_size=batch_size, cache=False,
+                            progress=False)
     for name in sorted(contenders, key=order.index):  # fit last: its allocator setting is process-wide
         torch.manual_seed(0)
         t0 = time.perf_counter()
-        reference = create_model(model, pretrained=False)
         if name == "fit":
-            folders = image_folders(root, reference, image_size=image_size, batch_size=batch_size, cache=True)
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", BadImageWarning)  # the same files, already reported above
+                folders = image_folders(root, reference, image_size=image_size, batch_size=batch_size, cache=True)
             loader, classes = folders.train, folders.classes
         else:
-            loader = _plain_loader(root, image_size=image_size, batch_size=batch_size, mean=reference.mean,
-                                   std=reference.std)
-            classes = loader.dataset.classes
+            loader = _plain_loader(checked.train_dataset, image_size=image_size, batch_size=batch_size,
+                                   mean=reference.mean, std=reference.std)
+            classes = checked.classes
         net = create_model(model, num_classes=len(classes))
         setup_seconds[name] = time.perf_counter() - t0
         timed = TimedLoader(loader, limit=limit)
@@ -165,6 +178,7 @@ def bench(
         "warmup": warmup,
         "threads": torch.get_num_threads(),
         "data": str(root),
+        "skipped": list(checked.skipped),  # files no contender used (unreadable, or not an image type)
         "images_per_second": results,
         "setup_seconds": setup_seconds,
     }
@@ -182,6 +196,9 @@ def format_report(report: dict) -> str:
            if min(report["timed_steps"].values()) < report["steps"] else ""),
         f"{'contender':<10} {'images/s':>9} {'vs plain':>9} {'setup s':>8}",
     ]
+    if report.get("skipped"):
+        lines.append(f"skipped {len(report['skipped'])} file(s) in {report['data']} (see the warnings): "
+                     + ", ".join(report["skipped"]))
     ratios = report.get("ratio_vs_plain", {})
     for name, ips in report["images_per_second"].items():
         ratio = f"{ratios[name]:.2f}x" if name in ratios else "1.00x" if name == "plain" else "-"

@@ -252,15 +252,21 @@ def _finetune(args: argparse.Namespace) -> int:
 
 
 def _predict(args: argparse.Namespace) -> int:
-    from d2lft.models import create_model
+    from d2lft.images import printable_path
     from d2lft.inference import classify
+    from d2lft.models import create_model
 
     net = create_model(args.model)
-    for path, labels in zip(args.images, classify(net, args.images, topk=args.topk)):
-        print(path)
+    failed = 0
+    for path, labels in zip(args.images, classify(net, args.images, topk=args.topk, return_errors=True)):
+        if isinstance(labels, Exception):  # a bad or missing file: say which, and go on with the others
+            print(f"d2lft predict: skipped {labels}", file=sys.stderr)
+            failed += 1
+            continue
+        print(printable_path(path))
         for name, prob in labels:
             print(f"  {prob:6.1%}  {name}")
-    return 0
+    return 1 if failed else 0
 
 
 def _data(args: argparse.Namespace) -> int:

@@ -33,7 +33,8 @@ from torchvision.transforms import v2
 from tqdm.auto import tqdm
 
 from d2lft.errors import ConfigError
-from d2lft.images import IMAGE_EXTENSIONS, BadImageError, load_image
+from d2lft.images import (IMAGE_EXTENSIONS, BadImageError, DuplicateImageWarning, load_image, printable_path,
+                          scan_images, shared_files)
 from d2lft.net import Net, Preprocessing
 from d2lft.transforms import check_augment, train_transform
 
@@ -87,14 +88,16 @@ class _FolderDataset(datasets.ImageFolder):
         self, directory: Path, *, classes: Sequence[str], samples: list[tuple[str, object]], transform
     ) -> None:
         self._fixed_classes = list(classes)
-        wanted = {path for path, _ in samples}
-        super().__init__(str(directory), transform=transform, loader=load_image,
-                         is_valid_file=wanted.__contains__, allow_empty=True)
+        self._given = list(samples)
+        super().__init__(str(directory), transform=transform, loader=load_image, allow_empty=True)
         self.samples = self.imgs = list(samples)  # also carries regression targets and val_split subsets
         self.targets = [t for _, t in samples]
 
     def find_classes(self, directory: str) -> tuple[list[str], dict[str, int]]:
         return self._fixed_classes, {c: i for i, c in enumerate(self._fixed_classes)}
+
+    def make_dataset(self, *args, **kwargs) -> list[tuple[str, object]]:  # the folder was scanned once already
+        return self._given
 
 
 @dataclass(repr=False)
@@ -257,6 +260,10 @@ def image_folders(
                 f"give both splits the same class folders"
             )
         val_samples = _samples(val_dir, classes, extensions=extensions, target=target, skipped=skipped)
+        for train_path, val_path in shared_files([p for p, _ in train_samples], [p for p, _ in val_samples]):
+            warnings.warn(f"{val_path} is the same file as {train_path} (a link): this image is in both splits, so "
+                          "validation scores on it are not honest; remove one of them", DuplicateImageWarning,
+                          stacklevel=2)
 
     built = []
     for name, directory, samples, transform in (
@@ -346,19 +353,18 @@ def _class_names(split_dir: Path) -> list[str]:
 def _samples(split_dir: Path, classes: list[str], *, extensions: tuple[str, ...], target: str,
              skipped: list[str]) -> list[tuple[str, object]]:
     """(path, class index or float target) for each image file; other visible files go to `skipped`."""
-    def visible(path: str) -> bool:
-        return not any(part.startswith(".") for part in Path(path).relative_to(split_dir).parts)
-
     class_to_idx = {c: i for i, c in enumerate(classes)}
-    files = datasets.folder.make_dataset(str(split_dir), class_to_idx, is_valid_file=visible, allow_empty=True)
-    samples = []
-    for path, index in files:
-        if path.lower().endswith(extensions):
-            samples.append((path, index))
-        else:
+    samples, by_class = [], []
+    for name in classes:  # one walk per class folder: no link followed twice, nothing bad dropped silently
+        files, bad = scan_images(split_dir / name, extensions=extensions)
+        samples += [(path, class_to_idx[name]) for path in files]
+        by_class.append(files)
+        for path, reason in bad:
             skipped.append(path)
-            warnings.warn(f"skipping {path}: {Path(path).suffix or 'no extension'} is not an image type read here "
-                          f"({' '.join(extensions)}); pass extensions=... to read it", BadImageWarning, stacklevel=3)
+            warnings.warn(f"skipping {path}: {reason}", BadImageWarning, stacklevel=3)
+    for first, second in shared_files(*by_class):
+        warnings.warn(f"{second} is the same file as {first} (a link): one image under two labels; remove one",
+                      DuplicateImageWarning, stacklevel=3)
     for name in classes:
         if not any(index == class_to_idx[name] for _, index in samples):
             raise ConfigError(f"class folder {split_dir / name} has no images ({' '.join(extensions)}): "
@@ -451,7 +457,7 @@ def _load_or_report(path: str, skipped: list[str]):
     try:
         return load_image(path)
     except BadImageError as err:
-        skipped.append(path)
+        skipped.append(printable_path(path))
         warnings.warn(f"skipping unreadable image: {err}", BadImageWarning, stacklevel=4)
         return None
 

@@ -41,7 +41,8 @@ __all__ = ["DownloadError", "UnsafeArchiveError", "download_url", "extract_archi
 _CHUNK = 1 << 20
 _SCHEMES = {"http", "https", "ftp", "file"}
 _JUNK_NAMES = {".DS_Store", "Thumbs.db"}
-_TAR_FILTER_ERROR = getattr(tarfile, "FilterError", ())  # Python >= 3.11.4 / 3.10.12
+_MAX_NAME = 255  # bytes in one file name (ext4, APFS, NTFS)
+_MAX_PATH = 4095  # bytes in a whole path (Linux PATH_MAX minus the final NUL)
 
 
 class DownloadError(D2LFTError, RuntimeError):
@@ -188,8 +189,9 @@ def extract_archive(
     Returns ``dest/<name>`` when the archive holds a single top-level folder (the usual dataset layout,
     e.g. ``hymenoptera_data/``), else ``dest``. Every member is checked *before* anything is written:
     absolute names, ``..`` components and links that point outside ``dest`` raise
-    :class:`UnsafeArchiveError` naming the member (zip files may not contain symlinks at all; tar files are
-    additionally extracted with Python's ``"data"`` filter). macOS junk (``__MACOSX/``, ``.DS_Store``) is
+    :class:`UnsafeArchiveError` naming the member, as do links of any kind (a dataset needs none), devices
+    and names too long for the file system. Tar members are written by d2lft itself (no ``tarfile``
+    extraction filter, whose link check some Python versions lack or can be bypassed: CVE-2025-4517). macOS junk (``__MACOSX/``, ``.DS_Store``) is
     skipped. Members are extracted into a hidden temporary folder inside ``dest`` and each top-level entry
     is then renamed into place, so an interrupted run leaves no half-extracted dataset behind. An existing
     top-level entry is an error unless ``overwrite=True`` (then it is replaced).
@@ -272,6 +274,7 @@ def _extract_zip(archive: Path, staging: Path) -> None:
             members = zf.infolist()
             for info in members:
                 _check_name(archive, info.filename)
+                _check_length(archive, info.filename, staging)
                 if stat.S_ISLNK(info.external_attr >> 16):
                     target = zf.read(info).decode("utf-8", "replace")
                     _check_link(archive, info.filename, target, relative_to_member=True)
@@ -286,29 +289,81 @@ def _extract_zip(archive: Path, staging: Path) -> None:
 
 
 def _extract_tar(archive: Path, staging: Path) -> None:
+    # No tarfile.extract/extractall: its "data" filter resolves links with os.path.realpath, which gives
+    # up on paths over PATH_MAX (CVE-2025-4517, Python < 3.11.13 / 3.12.11; 3.10.0-3.10.11 have no
+    # filter at all). A dataset needs no links, so none are extracted, and every file is written here.
     try:
         with tarfile.open(archive) as tf:
-            members = tf.getmembers()
+            try:
+                members = tf.getmembers()
+            except OSError as err:  # a header whose size sends the reader past what a file can hold
+                raise DownloadError(f"{archive} is damaged ({err}): delete it and download it again") from err
             for member in members:
                 _check_name(archive, member.name)
-                if member.issym():
-                    _check_link(archive, member.name, member.linkname, relative_to_member=True)
-                elif member.islnk():
-                    _check_link(archive, member.name, member.linkname, relative_to_member=False)
-                elif not (member.isfile() or member.isdir()):
+                _check_length(archive, member.name, staging)
+                if member.issym() or member.islnk():
+                    _check_link(archive, member.name, member.linkname, relative_to_member=member.issym())
+                    kind = "symbolic" if member.issym() else "hard"
+                    raise UnsafeArchiveError(
+                        f"{archive}: member {_short(member.name)!r} is a {kind} link (to {_short(member.linkname)!r}); "
+                        "d2lft does not extract links from tar files. Extract the archive by hand if you trust it"
+                    )
+                if not (member.isfile() or member.isdir()):
                     raise UnsafeArchiveError(
                         f"{archive}: member {member.name!r} is a device or pipe, which a dataset never needs"
                     )
             _check_free_space(archive, staging, sum(member.size for member in members))
-            keep = [member for member in members if not _is_junk(member.name)]
-            if hasattr(tarfile, "data_filter"):  # Python >= 3.11.4 / 3.10.12: a second, independent check
-                tf.extractall(staging, members=keep, filter="data")
-            else:  # pragma: no cover - older Pythons rely on the checks above
-                tf.extractall(staging, members=keep)
-    except _TAR_FILTER_ERROR as err:
-        raise UnsafeArchiveError(f"{archive}: {err}; refusing to extract this archive") from err
+            for member in members:
+                if not _is_junk(member.name):
+                    _write_tar_member(archive, tf, member, staging)
     except (tarfile.TarError, EOFError, zlib.error, gzip.BadGzipFile, lzma.LZMAError) as err:
         raise DownloadError(f"{archive} is damaged ({err}): delete it and download it again") from err
+
+
+def _check_length(archive: Path, name: str, staging: Path) -> None:
+    """Refuse names the file system cannot hold (so a long name fails before anything is written)."""
+    parts = [part for part in name.replace("\\", "/").split("/") if part not in ("", ".")]
+    longest = max((len(os.fsencode(part)) for part in parts), default=0)
+    total = len(os.fsencode(str(staging))) + sum(len(os.fsencode(part)) + 1 for part in parts)
+    if longest > _MAX_NAME or total > _MAX_PATH:
+        raise UnsafeArchiveError(
+            f"{archive}: member {_short(name)!r} has a name of {len(name):,} characters, too long to extract "
+            f"(at most {_MAX_NAME} bytes per name and {_MAX_PATH:,} per path here); refusing to extract this "
+            "archive. Do not use it: download it again from the original source"
+        )
+
+
+def _short(name: str, limit: int = 80) -> str:
+    """A member name short enough for a one-line message."""
+    return name if len(name) <= limit else f"{name[:limit - 3]}..."
+
+
+def _write_tar_member(archive: Path, tf: tarfile.TarFile, member: tarfile.TarInfo, staging: Path) -> None:
+    """Create a folder or write a regular file under ``staging``, following no link on the way."""
+    parts = [part for part in member.name.split("/") if part not in ("", ".")]
+    if not parts:
+        return
+    root = os.path.realpath(staging)
+    target = os.path.join(root, *parts)
+    folder = target if member.isdir() else os.path.dirname(target)
+    try:
+        os.makedirs(folder, mode=0o755, exist_ok=True)
+        # Belt and braces: nothing above creates links, but check the resolved path before writing.
+        if os.path.commonpath([root, os.path.realpath(folder)]) != root:
+            raise UnsafeArchiveError(f"{archive}: member {member.name!r} would be written outside {staging}")
+        if member.isdir():
+            return
+        source = tf.extractfile(member)
+        flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | getattr(os, "O_BINARY", 0)
+        with source, open(os.open(target, flags, 0o644), "wb") as file:
+            shutil.copyfileobj(source, file, _CHUNK)
+    except UnsafeArchiveError:
+        raise
+    except OSError as err:  # e.g. a file and a folder of the same name: the archive is not a dataset
+        raise DownloadError(
+            f"{archive}: cannot extract member {member.name!r} ({err.strerror or err}): delete the archive and "
+            "download it again"
+        ) from err
 
 
 def _check_free_space(archive: Path, folder: Path, needed: int) -> None:

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import os
 import warnings
+from collections.abc import Iterable
 from pathlib import Path
 
 import numpy as np
@@ -21,7 +22,10 @@ from PIL import Image
 
 from d2lft.errors import D2LFTError
 
-__all__ = ["IMAGE_EXTENSIONS", "BadImageError", "is_image_file", "load_image"]
+__all__ = [
+    "IMAGE_EXTENSIONS", "BadImageError", "DuplicateImageWarning", "is_image_file", "load_image", "printable_path",
+    "scan_images", "shared_files",
+]
 
 #: File name endings read as images in data folders and by `is_image_file` (compared in lower case):
 #: the one list d2lft uses, the same as torchvision's ImageFolder less its rare .ppm/.pgm. GIFs are
@@ -31,6 +35,11 @@ IMAGE_EXTENSIONS: frozenset[str] = frozenset({".jpg", ".jpeg", ".png", ".bmp", "
 
 #: Same default as ``PIL.Image.MAX_IMAGE_PIXELS`` (about 9459 x 9459): bigger images are refused.
 DEFAULT_MAX_PIXELS = 89_478_485
+
+#: Images whose longer side is more than this many times their shorter side are refused by default: a
+#: banner or strip is no photo, and resizing its shorter side to the model's input size multiplies the
+#: longer one (an 11,000,000 x 8 PNG of 85 KB would become a 250-megapixel image at 183 px).
+DEFAULT_MAX_ASPECT = 50
 
 #: Images whose shorter side is below this many pixels are refused by default (see :func:`load_image`).
 DEFAULT_MIN_SIZE = 8
@@ -83,6 +92,7 @@ def load_image(
     *,
     max_pixels: int | None = DEFAULT_MAX_PIXELS,
     min_size: int = DEFAULT_MIN_SIZE,
+    max_aspect: float | None = DEFAULT_MAX_ASPECT,
     exif_transpose: bool = True,
     draft: int | None = None,
 ) -> Image.Image:
@@ -100,6 +110,9 @@ def load_image(
     images over twice ``PIL.Image.MAX_IMAGE_PIXELS``, which d2lft never changes), and images whose shorter
     side is below ``min_size`` pixels (default 8: such files are icons, spacers and tracking pixels, not
     photos, and a network that downsamples 32x sees nothing in them; pass ``min_size=1`` to accept them).
+    Images whose longer side is more than ``max_aspect`` times the shorter one (default 50: a strip, not a
+    photo; ``None`` accepts any shape) are refused from the header too, so a thin image that stays under
+    ``max_pixels`` is never decoded and then blown up by a resize.
     A missing file raises ``FileNotFoundError``. Note that truncated files only fail if nobody set the
     global ``PIL.ImageFile.LOAD_TRUNCATED_IMAGES = True``.
 
@@ -136,7 +149,7 @@ def load_image(
             # clean RGB image or one BadImageError, never a stream of warnings from a data loader.
             warnings.simplefilter("ignore")
             with Image.open(path) as img:
-                _check_size(path, img.size, max_pixels=max_pixels, min_size=min_size)
+                _check_size(path, img, max_pixels=max_pixels, min_size=min_size, max_aspect=max_aspect)
                 if getattr(img, "is_animated", False):
                     img.seek(0)
                 if draft is not None and img.format == "JPEG":
@@ -158,17 +171,28 @@ def load_image(
     return rgb
 
 
-def _check_size(path: Path, size: tuple[int, int], *, max_pixels: int | None, min_size: int) -> None:
-    width, height = size
-    if max_pixels is not None and width * height > max_pixels:
+def _check_size(path: Path, img: Image.Image, *, max_pixels: int | None, min_size: int,
+                max_aspect: float | None) -> None:
+    """Refuse from the header (``Image.open`` has read only that) what must not be decoded."""
+    width, height = img.size
+    pixels = width * height
+    decoded = f"{pixels * len(img.getbands()) / 1e6:,.0f} MB decoded"
+    if max_pixels is not None and pixels > max_pixels:
         raise BadImageError(
             path,
-            f"{width}x{height} = {width * height:,} pixels exceeds max_pixels={max_pixels:,} "
+            f"{width}x{height} = {pixels:,} pixels ({decoded}) exceeds max_pixels={max_pixels:,} "
             "(could be a decompression bomb; pass a larger max_pixels if you trust the file)",
         )
     if min(width, height) < min_size:
         raise BadImageError(
             path, f"the image is only {width}x{height} pixels, below min_size={min_size} (an icon or placeholder?)"
+        )
+    if max_aspect is not None and max(width, height) > max_aspect * min(width, height):
+        raise BadImageError(
+            path,
+            f"the image is {width}x{height} pixels ({decoded}), an aspect ratio of "
+            f"{max(width, height) / max(min(width, height), 1):,.0f}:1 beyond max_aspect={max_aspect:g} "
+            "(a strip or banner, not a photo; pass max_aspect=None if you trust the file)",
         )
 
 
@@ -226,3 +250,130 @@ def _reason(err: BaseException) -> str:
     if "truncated" in text or isinstance(err, EOFError):
         return f"the file is truncated ({text}), probably an interrupted download"
     return f"{type(err).__name__}: {text}"
+
+
+# ------------------------------------------------------------------------------------- folders
+
+
+class DuplicateImageWarning(UserWarning):
+    """The same file (through a link) is in two splits, e.g. a validation image also in train/."""
+
+
+def printable_path(path: str | os.PathLike[str]) -> str:
+    """``path`` as a str that can always be printed and written to JSON.
+
+    A file name that is not valid UTF-8 comes back from ``os.scandir`` with surrogate escapes, which
+    ``print`` and UTF-8 files refuse; here its odd bytes are shown as ``\\xNN``.
+
+    >>> printable_path(os.fsdecode(b"caf\\xe9.jpg"))
+    'caf\\\\xe9.jpg'
+    """
+    return os.fsencode(path).decode("utf-8", "backslashreplace")
+
+
+def scan_images(
+    folder: str | os.PathLike[str], *, extensions: Iterable[str] = IMAGE_EXTENSIONS
+) -> tuple[list[str], list[tuple[str, str]]]:
+    """Walk ``folder`` once: ``(image files, skipped)``, where skipped holds ``(name, reason)`` pairs.
+
+    Links to folders are followed, but every folder and file is read once (by its resolved identity), so
+    a link loop such as ``ln -s . self`` adds nothing. Hidden files and folders (``.ipynb_checkpoints``,
+    ``.DS_Store``, macOS ``._`` twins) are ignored. Reported in ``skipped``, not raised: dangling links,
+    files that are not regular files (a pipe named ``.jpg`` would block a reader), files whose name does
+    not end in one of ``extensions``, a second link to a file already listed, and sub-folders that cannot
+    be read. Files are paths under ``folder`` (the order of ``torchvision.datasets.ImageFolder``: each
+    folder's files sorted, folders sorted by path); skipped names are :func:`printable_path` strings.
+
+    >>> import tempfile
+    >>> with tempfile.TemporaryDirectory() as tmp:
+    ...     for name in ("b.jpg", "a.png", "notes.txt"):
+    ...         _ = Path(tmp, name).write_bytes(b"")
+    ...     os.symlink(".", Path(tmp, "loop"))
+    ...     files, skipped = scan_images(tmp)
+    >>> [Path(f).name for f in files], [Path(name).name for name, reason in skipped]
+    (['a.png', 'b.jpg'], ['loop', 'notes.txt'])
+    """
+    wanted = tuple(e.lower() for e in extensions)
+    top = os.fspath(folder)
+    seen_folders: dict[tuple[int, int], str] = {}
+    seen_files: dict[tuple[int, int], str] = {}
+    found: list[tuple[str, list[str]]] = []
+    skipped: list[tuple[str, str]] = []
+    try:
+        info = os.stat(top)
+    except OSError as err:
+        return [], [(printable_path(top), f"cannot read this folder ({err.strerror or err})")]
+    seen_folders[(info.st_dev, info.st_ino)] = top
+    pending = [top]
+    while pending:
+        current = pending.pop()
+        try:
+            with os.scandir(current) as it:
+                # Real entries before links, so a folder or file reached both ways is listed under its own name.
+                entries = sorted(it, key=lambda e: (e.is_symlink(), e.name))
+        except OSError as err:
+            skipped.append((printable_path(current), f"cannot read this folder ({err.strerror or err})"))
+            continue
+        files = []
+        for entry in entries:
+            if entry.name.startswith("."):
+                continue
+            path = entry.path
+            try:
+                info = entry.stat()  # follows links
+            except OSError as err:
+                reason = (f"a link to {printable_path(os.readlink(path))!r}, which does not exist"
+                          if entry.is_symlink() else f"cannot read it ({err.strerror or err})")
+                skipped.append((printable_path(path), reason))
+                continue
+            identity = (info.st_dev, info.st_ino)
+            if entry.is_dir():
+                if identity in seen_folders:
+                    skipped.append((printable_path(path), f"the same folder as {printable_path(seen_folders[identity])}"
+                                                          ", already read (a link loop?): not read again"))
+                else:
+                    seen_folders[identity] = path
+                    pending.append(path)
+            elif not entry.is_file():
+                skipped.append((printable_path(path), "not a regular file (a pipe, socket or device)"))
+            elif not entry.name.lower().endswith(wanted):
+                suffix = Path(entry.name).suffix or "no extension"
+                skipped.append((printable_path(path), f"{printable_path(suffix)} is not an image type read here "
+                                                      f"({' '.join(wanted)}); pass extensions=... to read it"))
+            elif identity in seen_files:
+                skipped.append((printable_path(path), f"the same file as {printable_path(seen_files[identity])} "
+                                                      "(a link): read once"))
+            else:
+                seen_files[identity] = path
+                files.append(path)
+        found.append((current, sorted(files)))
+    found.sort(key=lambda item: item[0])  # ImageFolder's order: folders by path, each one's files by name
+    skipped.sort()
+    return [path for _, files in found for path in files], skipped
+
+
+def shared_files(*groups: Iterable[str]) -> list[tuple[str, str]]:
+    """Pairs ``(a, b)`` of paths from two different groups that are the same file (links or hard links).
+
+    The groups are splits (a validation image linked into train/) or class folders (one image under two
+    labels); ``a`` is from the earlier group.
+
+    >>> import tempfile
+    >>> with tempfile.TemporaryDirectory() as tmp:
+    ...     _ = Path(tmp, "a.jpg").write_bytes(b"")
+    ...     os.symlink(Path(tmp, "a.jpg"), Path(tmp, "b.jpg"))
+    ...     [(Path(a).name, Path(b).name) for a, b in shared_files([f"{tmp}/a.jpg"], [f"{tmp}/b.jpg"])]
+    [('a.jpg', 'b.jpg')]
+    """
+    first_seen: dict[tuple[int, int], tuple[int, str]] = {}
+    pairs = []
+    for number, group in enumerate(groups):
+        for path in group:
+            try:
+                info = os.stat(path)
+            except OSError:
+                continue
+            group_and_path = first_seen.setdefault((info.st_dev, info.st_ino), (number, path))
+            if group_and_path[0] != number:
+                pairs.append((group_and_path[1], path))
+    return pairs

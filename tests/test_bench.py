@@ -43,3 +43,23 @@ def test_bench_cli_writes_json(tmp_path):
     assert main(["bench", "--data", str(root), "--image-size", "32", "--batch-size", "8", "--steps", "2",
                  "--warmup", "1", "--device", "cpu", "--json", str(out)]) == 0
     assert json.loads(out.read_text())["images_per_second"]["fit"] > 0
+
+
+def test_bench_skips_what_finetune_skips_and_says_so(tmp_path):
+    # Issue 11, defect 9: torchvision's default loader ended the plain contender with a traceback on a
+    # 0-byte JPEG, and took a .ipynb_checkpoints folder for a class.
+    from d2lft.data import BadImageWarning
+    from d2lft.synthetic import CLASSES
+
+    root = make_shapes(tmp_path)
+    empty = root / "train" / CLASSES[0] / "empty.jpg"
+    empty.write_bytes(b"")
+    (root / "train" / ".ipynb_checkpoints").mkdir()
+    (root / "train" / CLASSES[1] / ".ipynb_checkpoints").mkdir()
+    (root / "train" / CLASSES[1] / ".ipynb_checkpoints" / "0-checkpoint.png").write_bytes(b"")
+    with pytest.warns(BadImageWarning, match="empty.jpg"):
+        report = bench(model="efficientnet_lite0", image_size=32, batch_size=8, steps=2, warmup=1, device="cpu",
+                       data=root, contenders=("plain", "fit_plain"))
+    assert report["skipped"] == [str(empty)]
+    assert report["images_per_second"]["plain"] > 0 and report["images_per_second"]["fit_plain"] > 0
+    assert "skipped 1 file(s)" in format_report(report)

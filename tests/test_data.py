@@ -1,8 +1,9 @@
 """The image_folders loaders: layout checks, bad files, caching, splits (never touches the network)."""
 from __future__ import annotations
 
-import dataclasses
+import json
 import math
+import os
 import shutil
 import warnings
 import zipfile
@@ -15,6 +16,7 @@ from PIL import Image
 
 from d2lft import data, download
 from d2lft.data import BadImageWarning, image_folders
+from d2lft.images import DuplicateImageWarning
 from d2lft.net import Preprocessing
 from d2lft.synthetic import make_shapes
 
@@ -311,3 +313,89 @@ def test_a_last_training_batch_of_one_is_dropped(tmp_path):
     data = image_folders(folder, IMAGENET, **FAST)
     assert [len(y) for _, y in data.train] == [4, 4]
     assert [len(y) for _, y in data.val] == [4, 4, 1]  # evaluation sees every image
+
+
+# Issue 11: symlinks (defect 5), long thin images (defect 2) and non-UTF-8 names (defect 10) in a folder.
+
+
+@pytest.mark.parametrize("cache", [True, False])
+def test_a_link_loop_does_not_multiply_the_training_set(tiny_folder, cache):
+    os.symlink(".", tiny_folder / "train" / "a" / "self")  # ln -s . train/a/self: 4 images became 84
+    with pytest.warns(BadImageWarning, match="self: the same folder as"):
+        result = image_folders(tiny_folder, IMAGENET, cache=cache, **FAST)
+    assert len(result.train_dataset) == 8 and sum(len(y) for _, y in result.train) == 8
+    assert result.skipped == [str(tiny_folder / "train" / "a" / "self")]
+
+
+def test_a_dangling_link_is_skipped_and_reported_not_an_abort(tiny_folder):
+    os.symlink(tiny_folder / "gone.jpg", tiny_folder / "train" / "a" / "gone.jpg")
+    with pytest.warns(BadImageWarning, match="gone.jpg: a link to .*gone.jpg', which does not exist"):
+        result = image_folders(tiny_folder, IMAGENET, **FAST)
+    assert result.skipped == [str(tiny_folder / "train" / "a" / "gone.jpg")] and len(result.train_dataset) == 8
+
+
+def test_a_link_from_train_into_val_is_named_in_a_warning(tiny_folder):
+    val_image = tiny_folder / "val" / "b" / "0.jpg"
+    os.symlink(val_image, tiny_folder / "train" / "a" / "from-val.jpg")
+    with pytest.warns(DuplicateImageWarning) as caught:
+        image_folders(tiny_folder, IMAGENET, **FAST)
+    message = str(caught[0].message)
+    assert str(val_image) in message and str(tiny_folder / "train" / "a" / "from-val.jpg") in message
+
+
+def test_a_class_folder_linked_to_another_is_named_in_a_warning(tiny_folder):
+    shutil.rmtree(tiny_folder / "train" / "b")
+    os.symlink("a", tiny_folder / "train" / "b")  # the same images under two labels
+    with pytest.warns(DuplicateImageWarning, match="one image under two labels"):
+        image_folders(tiny_folder, IMAGENET, **FAST)
+
+
+def test_a_pipe_named_jpg_and_an_unreadable_folder_are_reported(tiny_folder, monkeypatch):
+    os.mkfifo(tiny_folder / "train" / "a" / "pipe.jpg")  # a reader would block on it forever
+    locked = tiny_folder / "train" / "b" / "locked"
+    locked.mkdir()
+    real_scandir = os.scandir
+
+    def scandir(path="."):  # tests run as root here, where chmod 000 cannot make a folder unreadable
+        if os.fspath(path) == str(locked):
+            raise PermissionError(13, "Permission denied", str(locked))
+        return real_scandir(path)
+
+    monkeypatch.setattr(os, "scandir", scandir)
+    with pytest.warns(BadImageWarning) as caught:
+        result = image_folders(tiny_folder, IMAGENET, **FAST)
+    assert sorted(result.skipped) == [str(tiny_folder / "train" / "a" / "pipe.jpg"), str(locked)]
+    messages = " ".join(str(w.message) for w in caught)
+    assert "not a regular file" in messages and "cannot read this folder (Permission denied)" in messages
+
+
+def test_a_long_thin_image_in_a_folder_is_skipped_and_reported(tiny_folder):
+    from test_images import thin_png
+
+    strip = thin_png(tiny_folder / "train" / "a" / "strip.png", 1_000_000)
+    with pytest.warns(BadImageWarning, match="aspect ratio of 125,000:1"):
+        result = image_folders(tiny_folder, IMAGENET, **FAST)
+    assert result.skipped == [str(strip)] and len(result.train_dataset) == 8
+
+
+def test_a_non_utf8_file_name_is_reported_as_printable_json_safe_text(tiny_folder):
+    name = os.fsdecode(b"caf\xe9.txt")  # Latin-1 bytes, as a Windows zip or an old camera writes them
+    (tiny_folder / "train" / "a" / name).write_text("not an image")
+    bad_image = os.fsdecode(b"\xff\xfe.jpg")
+    (tiny_folder / "train" / "b" / bad_image).write_bytes(b"")
+    shutil.copy(tiny_folder / "train" / "b" / "0.jpg", tiny_folder / "train" / "b" / os.fsdecode(b"\xe9t\xe9.jpg"))
+    with pytest.warns(BadImageWarning):
+        result = image_folders(tiny_folder, IMAGENET, **FAST)
+    assert len(result.train_dataset) == 9  # a good image with such a name is read like any other
+    assert sorted(result.skipped) == sorted([f"{tiny_folder}/train/a/caf\\xe9.txt", f"{tiny_folder}/train/b/\\xff\\xfe.jpg"])
+    text = json.dumps({"skipped": result.skipped}, ensure_ascii=False)
+    text.encode("utf-8")  # what writing the JSON (or printing it) does: no UnicodeEncodeError
+    assert json.loads(text)["skipped"] == result.skipped
+
+
+def test_a_class_with_only_bad_images_is_an_error(tiny_folder):
+    for path in (tiny_folder / "val" / "b").iterdir():
+        path.write_bytes(b"")
+    message = f"no readable image left in {tiny_folder / 'val' / 'b'}"
+    with pytest.warns(BadImageWarning), pytest.raises(ValueError, match=message):
+        image_folders(tiny_folder, IMAGENET, **FAST)

@@ -7,11 +7,14 @@ import zipfile
 from pathlib import Path
 
 import pytest
-from conftest import make_image_folder
+from conftest import make_image_folder, realpath_limit_tar
 
 from d2lft import download
 from d2lft.datasets import DATASETS, DatasetNotAvailableError, course_dataset, get_dataset, list_datasets
 from d2lft.synthetic import CLASSES
+
+
+REAL_DOWNLOAD_URL = download.download_url
 
 
 @pytest.fixture(autouse=True)
@@ -154,3 +157,35 @@ def test_course_dataset_prefers_the_photos(tmp_path, capsys):
     assert len(out) == 1 and "hymenoptera" in out[0]
     assert course_dataset(root=tmp_path, verbose=False) == folder
     assert capsys.readouterr().out == ""
+
+
+def test_crafted_archive_saved_where_the_message_says_writes_nothing_outside(tmp_path, monkeypatch):
+    # Issue 11, defect 1: the by-hand advice says "save it as <root>/hymenoptera_data.zip"; hymenoptera has
+    # no published SHA-1, so a file there is used as is. A tar under that name, crafted for Python's
+    # CVE-2025-4517, wrote escape/evil.txt next to the data folder and the command said "ready".
+    monkeypatch.setattr(download, "download_url", REAL_DOWNLOAD_URL)  # the real one: it reuses the file
+    root = tmp_path / "data"
+    root.mkdir()
+    staging = len(str(root)) + len("/.hymenoptera_data-") + 8 + len("/.hymenoptera_data.zip.extracting-") + 8
+    realpath_limit_tar(root / "hymenoptera_data.zip", extract_dir_length=staging, climb=3)
+    with pytest.raises(DatasetNotAvailableError, match="could not extract .*is a symbolic link"):
+        get_dataset("hymenoptera", root=root)
+    assert not list(tmp_path.rglob("evil.txt"))
+    assert list(root.iterdir()) == []  # the bad archive is deleted, no staging folder is left
+
+
+def test_offline_a_hand_saved_archive_is_used_where_the_message_said(tmp_path, monkeypatch):
+    monkeypatch.setattr(download, "download_url", REAL_DOWNLOAD_URL)  # the real one: it reuses the file
+    monkeypatch.setenv("D2LFT_OFFLINE", "1")
+    source = fake_hymenoptera(tmp_path / "server")
+    root = tmp_path / "data"
+    with pytest.raises(DatasetNotAvailableError) as err:
+        get_dataset("hymenoptera", root=root)
+    archive = root / "hymenoptera_data.zip"
+    assert f"save it as {archive}" in str(err.value)
+    root.mkdir()
+    with zipfile.ZipFile(archive, "w") as zf:
+        for path in sorted(source.rglob("*")):
+            zf.write(path, path.relative_to(source.parent).as_posix())
+    assert get_dataset("hymenoptera", root=root) == root / "hymenoptera_data"
+    assert not archive.exists()

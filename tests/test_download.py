@@ -14,6 +14,8 @@ from pathlib import Path
 
 import pytest
 
+from conftest import realpath_limit_tar
+
 from d2lft.download import DownloadError, UnsafeArchiveError, download_url, extract_archive, sha1sum
 
 
@@ -350,3 +352,81 @@ def test_archive_with_several_top_level_entries_returns_dest(tmp_path):
     archive.write_bytes(_zip_bytes({"a.txt": b"a", "b/c.txt": b"c"}))
     assert extract_archive(archive, tmp_path / "data") == tmp_path / "data"
     assert (tmp_path / "data" / "b" / "c.txt").read_bytes() == b"c"
+
+
+# Issue 11, defect 1: no tar member may write outside the extraction folder, whatever the Python version.
+
+
+def test_tar_links_are_not_extracted_even_inside(tmp_path):
+    for kind, member in [("symbolic", _member("set/link", tarfile.SYMTYPE, "0.txt")),
+                         ("hard", _member("set/hard", tarfile.LNKTYPE, "set/0.txt"))]:
+        archive = _tar(tmp_path / f"{kind}.tar", [_member("set/0.txt"), member], mode="w")
+        with pytest.raises(UnsafeArchiveError, match=f"is a {kind} link .* does not extract links"):
+            extract_archive(archive, tmp_path / "dest")
+        assert list((tmp_path / "dest").iterdir()) == []
+
+
+def test_tar_link_chain_through_symlinked_folders_is_refused(tmp_path):
+    # "a" -> ".", so "a/a/a/up" -> "../.." looks one level deep by name but climbs out of dest
+    members = [_member("a", tarfile.SYMTYPE, "."), _member("a/a/a/up", tarfile.SYMTYPE, "../.."),
+               _member("a/a/a/up/evil.txt")]
+    archive = _tar(tmp_path / "chain.tar", members, mode="w")
+    with pytest.raises(UnsafeArchiveError, match="link"):
+        extract_archive(archive, tmp_path / "dest" / "inner")
+    assert not list(tmp_path.rglob("evil.txt"))
+
+
+def test_tar_realpath_limit_bypass_cve_2025_4517_writes_nothing_outside(tmp_path):
+    # Python 3.11.7's "data" filter lets this archive write escape/evil.txt two folders above the
+    # extraction folder; d2lft must refuse it on every Python version.
+    dest = tmp_path / "dest"
+    archive = realpath_limit_tar(tmp_path / "x.tar", climb=2,
+                                 extract_dir_length=len(str(dest)) + len("/.x.tar.extracting-") + 8)
+    with pytest.raises(UnsafeArchiveError, match="link"):
+        extract_archive(archive, dest)
+    assert not list(tmp_path.rglob("evil.txt"))
+    assert list(dest.iterdir()) == []
+
+
+def test_tar_member_longer_than_path_max_is_refused_before_anything_is_written(tmp_path):
+    deep = "/".join(["d" * 200] * 21) + "/0.txt"  # 4,226 characters
+    archive = _tar(tmp_path / "long.tar", [_member("set/ok.txt"), _member(deep)], mode="w")
+    with pytest.raises(UnsafeArchiveError, match=r"4,226 characters, too long to extract"):
+        extract_archive(archive, tmp_path / "dest")
+    assert list((tmp_path / "dest").iterdir()) == []
+    archive = _tar(tmp_path / "name.tar", [_member("set/" + "n" * 300 + ".txt")], mode="w")
+    with pytest.raises(UnsafeArchiveError, match="too long"):
+        extract_archive(archive, tmp_path / "dest")
+
+
+def test_tar_file_and_folder_of_the_same_name_is_one_clear_error(tmp_path):
+    archive = _tar(tmp_path / "clash.tar", [_member("set/x"), _member("set/x/0.txt")], mode="w")
+    with pytest.raises(DownloadError, match="cannot extract member 'set/x/0.txt'"):
+        extract_archive(archive, tmp_path / "dest")
+    assert list((tmp_path / "dest").iterdir()) == []
+
+
+def test_tar_files_are_written_without_setuid_or_exec_bits(tmp_path):
+    info = _member("set/run.sh")
+    info.mode = 0o6777
+    folder = extract_archive(_tar(tmp_path / "m.tar", [info], mode="w"), tmp_path / "dest")
+    assert stat.S_IMODE((folder / "run.sh").stat().st_mode) & 0o7111 == 0
+    assert (folder / "run.sh").read_bytes() == b"evil"
+
+
+def test_tar_header_with_an_impossible_size_is_reported_as_damaged(tmp_path):
+    archive = tmp_path / "huge.tar"
+    info = tarfile.TarInfo("set/big")
+    info.size = 10**15  # the reader seeks past the largest file offset: OSError (EINVAL) in tarfile
+    archive.write_bytes(info.tobuf(tarfile.GNU_FORMAT) + bytes(1024))
+    with pytest.raises(DownloadError, match="damaged"):
+        extract_archive(archive, tmp_path / "dest")
+    assert list((tmp_path / "dest").iterdir()) == []
+
+
+def test_zip_member_longer_than_path_max_is_refused_before_anything_is_written(tmp_path):
+    archive = tmp_path / "long.zip"
+    archive.write_bytes(_zip_bytes({"set/ok.txt": b"ok", "/".join(["d" * 200] * 21) + "/0.txt": b"x"}))
+    with pytest.raises(UnsafeArchiveError, match="too long to extract"):  # was an OSError traceback
+        extract_archive(archive, tmp_path / "dest")
+    assert list((tmp_path / "dest").iterdir()) == []

@@ -331,3 +331,82 @@ def test_fuzz_truncated_and_mutated_other_formats(fuzz_file, name, keep, flips):
         if position < len(data):
             data[position] ^= xor
     _check_contract(fuzz_file, bytes(data))
+
+
+# Issue 11, defect 2: a long, thin image stays under max_pixels but must not be decoded (nor resized).
+
+
+def thin_png(path: Path, width: int, height: int = 8) -> Path:
+    """A valid all-black grayscale PNG of width x height, written row by row (85 KB for 11,000,000 x 8)."""
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    packer, row = zlib.compressobj(9), bytes(width + 1)  # filter byte 0, then `width` black pixels
+    idat = b"".join(packer.compress(row) for _ in range(height)) + packer.flush()
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", idat) + chunk(b"IEND", b""))
+    return path
+
+
+@pytest.mark.parametrize("width", [11_000_000, 1_000_000])
+def test_long_thin_image_is_refused_from_its_header(tmp_path, width):
+    path = thin_png(tmp_path / "strip.png", width)
+    assert path.stat().st_size < 100_000
+    err = _bad(path, match=rf"{width}x8 pixels \({width * 8 / 1e6:,.0f} MB decoded\), an aspect ratio of "
+                           rf"{width // 8:,}:1 beyond max_aspect=50")
+    assert "max_aspect=None" in str(err)
+    assert load_image(thin_png(tmp_path / "band.png", 400), max_aspect=None).size == (400, 8)
+    assert load_image(thin_png(tmp_path / "ok.png", 400), max_aspect=50).size == (400, 8)
+
+
+def test_long_thin_image_costs_no_memory(tmp_path):
+    # In a fresh process (this one's peak is whatever earlier tests reached): refusing the
+    # 11,000,000 x 8 PNG must not raise the peak resident memory by the 88-264 MB a decode costs.
+    import subprocess
+    import sys
+
+    path = thin_png(tmp_path / "strip.png", 11_000_000)
+    images_py = Path(__file__).resolve().parent.parent / "d2lft" / "images.py"
+    script = (
+        "import importlib.util, resource, sys\n"
+        f"spec = importlib.util.spec_from_file_location('images', {str(images_py)!r})\n"
+        "images = importlib.util.module_from_spec(spec); spec.loader.exec_module(images)\n"
+        "before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss\n"
+        f"try:\n    images.load_image({str(path)!r})\n    print('accepted')\n"
+        "except images.BadImageError as err:\n    print(err)\n"
+        "print((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) // 1024)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True).stdout
+    message, grown_mb = out.strip().splitlines()
+    assert "max_aspect" in message, message
+    assert int(grown_mb) < 50, f"peak memory grew by {grown_mb} MB while refusing the image"
+
+
+# Issue 11, defect 5: one walk of a folder, in ImageFolder's order, each file and folder once.
+
+
+def test_scan_images_lists_what_imagefolder_lists_in_the_same_order(tmp_path):
+    from torchvision.datasets.folder import make_dataset
+
+    from d2lft.images import scan_images
+
+    for rel in ["b.jpg", "a.png", "sub/z.jpg", "sub/deeper/y.JPG", "sub-2/x.webp", "A/w.jpg"]:
+        (tmp_path / "cls" / rel).parent.mkdir(parents=True, exist_ok=True)
+        _save(Image.new("RGB", (8, 8)), tmp_path / "cls" / rel, format="PNG")
+    reference = [p for p, _ in make_dataset(str(tmp_path), {"cls": 0}, extensions=tuple(IMAGE_EXTENSIONS))]
+    files, skipped = scan_images(tmp_path / "cls")
+    assert files == reference and skipped == []
+
+
+def test_scan_images_reads_a_folder_reached_twice_once(tmp_path):
+    from d2lft.images import scan_images
+
+    (tmp_path / "real").mkdir()
+    _save(Image.new("RGB", (8, 8)), tmp_path / "real" / "0.png")
+    (tmp_path / "link").symlink_to(tmp_path / "real")
+    (tmp_path / "real" / "up").symlink_to(tmp_path)  # a loop through the parent
+    files, skipped = scan_images(tmp_path)
+    assert len(files) == 1
+    assert files == [str(tmp_path / "real" / "0.png")]
+    assert sorted(Path(name).name for name, _ in skipped) == ["link", "up"]
