@@ -50,6 +50,7 @@ def run_finetune(
     image_size: int = DEFAULTS["image_size"],
     batch_size: int = DEFAULTS["batch_size"],
     lr: float | None = DEFAULTS["lr"],
+    val_split: float | None = None,
     seed: int = 0,
     device: str | torch.device | None = None,
     checkpoint: str | Path | None = None,
@@ -72,7 +73,7 @@ def run_finetune(
     set_seed(seed)
     net = create_model(model, pretrained=strategy != "scratch")
     data = image_folders(data_dir, net, image_size=image_size, batch_size=batch_size, seed=seed,
-                         progress=progress and is_main_process())
+                         val_split=val_split, progress=progress and is_main_process())
     replace_head(net, len(data.classes))
     history = fine_tune(net, data, strategy=strategy, epochs=epochs, lr=lr, device=device, progress=progress,
                         seed=seed)
@@ -81,24 +82,29 @@ def run_finetune(
         with _shielded():
             save_checkpoint(checkpoint, net=net, history=history,
                             extra={"classes": data.classes, "model": model, "image_size": image_size})
-    seen = len(data.train_dataset) * len(history.train_loss)
+    tuned = len(history) - history.probe_epochs  # epochs that ran images through the whole network
+    tuned_seconds = sum(history.seconds[history.probe_epochs:])
     finished = [a for a in history.val_acc if a is not None and math.isfinite(a)]
     return {
         "val_acc": finished[-1] if finished else None,  # None: stopped before the first epoch ended
         "best_val_acc": max(finished) if finished else None,
-        "epochs": len(history.train_loss),
+        "epochs": tuned,  # of training the backbone too (0 for a probe)
+        "probe_epochs": history.probe_epochs,  # of training the head alone, on cached features
         "stop_reason": history.stop_reason,  # None for a run that did all its epochs
         "stop_message": history.stop_message,
         "interrupted": history.interrupted,
         "halted": history.halted,
         "train_seconds": round(seconds, 2),
-        "images_per_second": round(seen / seconds, 2),
+        # training images per second of the epochs that trained the backbone (None for a probe)
+        "images_per_second": (round(len(data.train_dataset) * tuned / tuned_seconds, 2)
+                              if tuned and tuned_seconds > 0 else None),
         "skipped": [os.fsdecode(p).encode("utf-8", "backslashreplace").decode() for p in data.skipped],
         "model": model,
         "strategy": strategy,
         "image_size": image_size,
         "batch_size": batch_size,
         "lr": lr,
+        "val_split": val_split,
         "seed": seed,
         "classes": data.classes,
         "train_images": len(data.train_dataset),
@@ -152,6 +158,13 @@ def _positive_float(text: str) -> float:
     return value
 
 
+def _fraction(text: str) -> float:
+    value = float(text)
+    if not 0 < value < 1:
+        raise argparse.ArgumentTypeError(f"must be a fraction between 0 and 1 (e.g. 0.2), got {text}")
+    return value
+
+
 def _parser() -> argparse.ArgumentParser:
     from d2lft.models import list_models
     from d2lft.recipes import STRATEGIES
@@ -177,6 +190,8 @@ def _parser() -> argparse.ArgumentParser:
                     help=f"default {DEFAULTS['batch_size']}")
     ft.add_argument("--lr", type=_positive_float, default=DEFAULTS["lr"],
                     help="backbone learning rate for finetune, lp-ft and scratch; the head gets 10x (default 5e-4)")
+    ft.add_argument("--val-split", type=_fraction, default=None, metavar="F",
+                    help="hold out this fraction of each class of train/ for validation (when there is no val/)")
     ft.add_argument("--seed", type=int, default=0)
     ft.add_argument("--device", default=None, help="cpu, cuda or mps (default: the best available)")
     ft.add_argument("--checkpoint", type=Path, default=None, help="save the best model here (.pt)")
@@ -228,6 +243,7 @@ def _finetune(args: argparse.Namespace) -> int:
         image_size=args.image_size,
         batch_size=args.batch_size,
         lr=args.lr,
+        val_split=args.val_split,
         seed=args.seed,
         device=device,
         checkpoint=args.checkpoint,
@@ -235,10 +251,11 @@ def _finetune(args: argparse.Namespace) -> int:
     if not distributed.is_main_process():  # under torchrun, rank 0 alone reports
         return 0
     if report["val_acc"] is not None:
-        print(
-            f"val_acc {report['val_acc']:.3f} (best {report['best_val_acc']:.3f}) after {report['epochs']} epochs, "
-            f"{report['train_seconds']:.1f} s, {report['images_per_second']:.1f} images/s"
-        )
+        speed = f", {report['images_per_second']:.1f} images/s" if report["images_per_second"] else ""
+        phases = " + ".join(f"{n} {what}" for n, what in ((report["probe_epochs"], "probe epochs on cached features"),
+                                                          (report["epochs"], "epochs of the whole network")) if n)
+        print(f"val_acc {report['val_acc']:.3f} (best {report['best_val_acc']:.3f}) after {phases}, "
+              f"{report['train_seconds']:.1f} s{speed}")
     if report["skipped"]:
         print(f"skipped {len(report['skipped'])} file(s), unreadable or not an image type: " + ", ".join(report["skipped"]))
     if args.json:

@@ -329,14 +329,14 @@ def _split_dirs(root: Path, val_split: float | None) -> tuple[Path, Path | None]
     if not train_dir.is_dir():
         raise ConfigError(
             f"{root} has no train/ folder: expected {root}/train/<class>/<image> and {root}/val/<class>/<image>; "
-            f"if the class folders are directly in {root}, pass val_split=0.2"
+            f"if the class folders are directly in {root}, pass val_split=0.2 (--val-split 0.2 on the command line)"
         )
     for name in ("val", "test"):
         if (root / name).is_dir():
             return train_dir, root / name
     raise ConfigError(
         f"{root} has train/ but no val/ or test/ folder: add one with the same class folders, "
-        f"or pass val_split=0.2 to hold out part of train/"
+        f"or pass val_split=0.2 (--val-split 0.2) to hold out part of train/"
     )
 
 

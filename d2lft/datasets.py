@@ -208,6 +208,9 @@ def _download_and_extract(info: DatasetInfo, root: Path) -> Path:
     except OSError as err:
         raise DatasetNotAvailableError(f"cannot create the data folder {root} ({err.strerror}); pass another "
                                        "--root or set D2LFT_DATA_DIR to a writable folder", reason="no data folder") from None
+    if not os.access(root, os.W_OK):
+        raise DatasetNotAvailableError(f"the data folder {root} is not writable; pass another --root or set "
+                                       "D2LFT_DATA_DIR to a writable folder", reason="read-only data folder")
     archive = _archive_path(info, root)
     try:
         download_url(info.url, archive, sha1=info.sha1)

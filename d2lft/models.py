@@ -136,8 +136,10 @@ def _torchvision_state_dict(name: str, weights: tvm.WeightsEnum, *, progress: bo
     if path.is_file():
         try:
             return torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as err:  # a truncated or foreign file: say which one to delete
-            raise unavailable(f"the cached file {path} cannot be read ({err}); delete it and try again") from err
+        except Exception as err:  # a truncated or foreign file: say which one to delete (in one line, and
+            # never with torch's advice to retry with weights_only=False: that runs the file's pickled code)
+            raise unavailable(f"the cached file {path} cannot be read as plain weights ({type(err).__name__}); "
+                              "delete it and download it again") from None
     if offline():
         raise unavailable(f"{filename} is not in {cache} and $D2LFT_OFFLINE forbids downloading")
     try:

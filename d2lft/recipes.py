@@ -40,6 +40,7 @@ def _concat(first: History, second: History) -> History:
         joined[f.name] = a + b if isinstance(a, list) else b
     out = History(**joined)
     out.epoch = list(range(1, len(out.epoch) + 1))
+    out.probe_epochs = len(first)
     if second.best_epoch is not None:
         out.best_epoch = second.best_epoch + len(first.epoch)
     return out
@@ -109,6 +110,7 @@ def fine_tune(
     if strategy in ("probe", "lp-ft"):
         probed = probe(net, data, epochs=probe_epochs, lr=probe_lr, weight_decay=weight_decay, seed=seed,
                        device=device, progress=progress)
+        probed.probe_epochs = len(probed)
         unfreeze(net)
         if strategy == "probe" or probed.halted:
             return probed  # an interrupted or diverged probe does not go on to fine-tune

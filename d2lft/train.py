@@ -77,6 +77,7 @@ class History:
     best_value: float | None = None
     stop_reason: str | None = None
     stop_message: str | None = None
+    probe_epochs: int = 0  # the first epochs trained only a head on cached features (probe, lp-ft)
 
     def __len__(self) -> int:
         return len(self.epoch)

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -82,3 +83,54 @@ def test_finetune_on_tiny_folder_every_strategy(tiny_folder, tmp_path):
         assert code == 0
         report = json.loads(out.read_text())
         assert report["strategy"] == strategy and 0.0 <= report["val_acc"] <= 1.0
+
+
+# ----------------------------------------------------------------------------- issue 11: settings and outputs
+
+
+@pytest.mark.parametrize("setup, message", [
+    (lambda tmp: ["--json", str(tmp)], "is a folder"),
+    (lambda tmp: ["--json", str(tmp / "file.txt" / "out.json")], "is a file, not a folder"),
+    (lambda tmp: ["--json", str(tmp / "x"), "--checkpoint", str(tmp / "x")], "name the same file"),
+    (lambda tmp: ["--lr", "1e-6"], "--strategy probe trains only the head"),
+    (lambda tmp: ["--device", "cuda"] if not __import__("torch").cuda.is_available() else ["--device", "nope"],
+     "not available on this machine|not a device name"),
+])
+def test_outputs_and_settings_are_checked_before_any_work(tiny_folder, tmp_path, monkeypatch, capsys, setup, message):
+    (tmp_path / "file.txt").write_text("a file where a folder should be")
+    monkeypatch.setattr("d2lft.data.image_folders", lambda *a, **k: pytest.fail("work started"))
+    assert main(["finetune", str(tiny_folder), *setup(tmp_path)]) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and re.search(message, err), err
+
+
+def test_val_split_and_the_json_count_probe_epochs_apart(tmp_path, capsys):
+    from conftest import make_image_folder
+
+    root = make_image_folder(tmp_path / "flat", per_class=5)
+    flat = root / "train"  # class folders directly here, no val/
+    out = tmp_path / "out.json"
+    assert main(["finetune", str(flat), "--val-split", "0.4", "--strategy", "lp-ft", "--epochs", "1",
+                 "--image-size", "32", "--batch-size", "4", "--json", str(out)]) == 0
+    report = json.loads(out.read_text())
+    assert report["val_images"] == 4 and report["train_images"] == 6 and report["val_split"] == 0.4
+    assert report["epochs"] == 1 and report["probe_epochs"] == 30 and report["images_per_second"] > 0
+    assert "30 probe epochs on cached features + 1 epochs of the whole network" in capsys.readouterr().out
+
+
+def test_a_second_ctrl_c_during_the_final_writes_loses_nothing(tmp_path, monkeypatch):
+    import os
+    import signal
+
+    from d2lft import cli
+
+    real_write = Path.write_text
+
+    def impatient_write(self, text, *args, **kwargs):
+        os.kill(os.getpid(), signal.SIGINT)  # Ctrl-C again, while the report is being written
+        return real_write(self, text, *args, **kwargs)
+
+    monkeypatch.setattr(Path, "write_text", impatient_write)
+    out = tmp_path / "out.json"
+    cli._write_json(out, {"val_acc": 0.9})
+    assert json.loads(out.read_text()) == {"val_acc": 0.9}
