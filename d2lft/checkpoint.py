@@ -21,7 +21,7 @@ from d2lft import distributed
 from d2lft.errors import D2LFTError
 from d2lft.net import Net
 
-__all__ = ["CheckpointError", "save_checkpoint", "load_checkpoint"]
+__all__ = ["CheckpointError", "save_checkpoint", "load_checkpoint", "load_finetuned"]
 
 CHECKPOINT_FORMAT = "d2lft-checkpoint-v1"
 
@@ -228,3 +228,40 @@ def load_checkpoint(
         for cb, s in zip(stateful, saved):
             cb.load_state_dict(s["state"])
     return dict(data)
+
+
+def load_finetuned(path: str | Path) -> Net:
+    """The model a ``d2lft finetune --checkpoint PATH`` run saved: architecture, weights, class names
+    and the preprocessing it was trained with, ready for `d2lft.classify` or ``d2lft predict``.
+
+    >>> import tempfile
+    >>> from d2lft.models import create_model
+    >>> net = create_model("efficientnet_lite0", num_classes=2)
+    >>> path = save_checkpoint(Path(tempfile.mkdtemp()) / "run.pt", net=net,
+    ...                        extra={"classes": ["ants", "bees"], "model": "efficientnet_lite0"})
+    >>> load_finetuned(path).categories
+    ['ants', 'bees']
+    """
+    import dataclasses
+
+    from d2lft.models import create_model, list_models
+    from d2lft.net import Preprocessing
+
+    path = Path(path)
+    try:
+        extra = torch.load(path, map_location="cpu", weights_only=True).get("extra") or {}
+    except Exception:  # the same file is read again by load_checkpoint, which explains what is wrong with it
+        extra = {}
+    classes, name = extra.get("classes"), extra.get("model")
+    if not classes or name not in list_models():
+        raise CheckpointError(f"{path}: not a checkpoint of `d2lft finetune` (it names no model and classes); "
+                              "save one with d2lft finetune DATA --checkpoint PATH")
+    net = create_model(name, num_classes=len(classes), pretrained=False)
+    load_checkpoint(path, net)
+    net.categories = list(classes)
+    saved = extra.get("preprocessing")
+    if isinstance(saved, dict):
+        fields = {f.name for f in dataclasses.fields(Preprocessing)}
+        net.preprocessing = Preprocessing(**{k: v for k, v in saved.items() if k in fields})
+    net.eval()
+    return net

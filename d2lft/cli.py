@@ -12,6 +12,7 @@ Output paths are checked before any work starts, and the final writes survive a 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 import os
@@ -81,7 +82,8 @@ def run_finetune(
     if checkpoint is not None:
         with _shielded():
             save_checkpoint(checkpoint, net=net, history=history,
-                            extra={"classes": data.classes, "model": model, "image_size": image_size})
+                            extra={"classes": data.classes, "model": model, "image_size": image_size,
+                                   "preprocessing": dataclasses.asdict(data.preprocessing)})
     tuned = len(history) - history.probe_epochs  # epochs that ran images through the whole network
     tuned_seconds = sum(history.seconds[history.probe_epochs:])
     finished = [a for a in history.val_acc if a is not None and math.isfinite(a)]
@@ -197,10 +199,17 @@ def _parser() -> argparse.ArgumentParser:
     ft.add_argument("--checkpoint", type=Path, default=None, help="save the best model here (.pt)")
     ft.add_argument("--json", type=Path, default=None, help="write the final figures here")
 
-    pr = sub.add_parser("predict", help="ImageNet labels for images (direct application of a pretrained model)")
+    pr = sub.add_parser("predict", help="labels for images: ImageNet's, or your classes with --checkpoint")
     pr.add_argument("images", nargs="+", type=Path, metavar="IMAGE")
     pr.add_argument("--model", default="efficientnet_lite0", choices=list_models(), metavar="NAME")
+    pr.add_argument("--checkpoint", type=Path, default=None,
+                    help="a model saved by d2lft finetune --checkpoint (its classes and preprocessing)")
     pr.add_argument("--topk", type=_positive_int, default=5)
+
+    ex = sub.add_parser("export", help="save a fine-tuned checkpoint with torch.export, runnable without d2lft")
+    ex.add_argument("checkpoint", type=Path, metavar="CHECKPOINT", help="saved by d2lft finetune --checkpoint")
+    ex.add_argument("--out", type=Path, required=True,
+                    help="the file to write (.pt2; load it with torch.export.load(path).module())")
 
     data = sub.add_parser("data", help="list or download the registry's datasets")
     data_sub = data.add_subparsers(dest="data_command", required=True, metavar="ACTION")
@@ -273,7 +282,12 @@ def _predict(args: argparse.Namespace) -> int:
     from d2lft.inference import classify
     from d2lft.models import create_model
 
-    net = create_model(args.model)
+    if args.checkpoint is not None:
+        from d2lft.checkpoint import load_finetuned
+
+        net = load_finetuned(args.checkpoint)  # your classes, with the preprocessing saved at training time
+    else:
+        net = create_model(args.model)
     failed = 0
     for path, labels in zip(args.images, classify(net, args.images, topk=args.topk, return_errors=True)):
         if isinstance(labels, Exception):  # a bad or missing file: say which, and go on with the others
@@ -332,7 +346,20 @@ def _write_json(path: Path, report: dict) -> None:
     print(f"wrote {path}")
 
 
-_COMMANDS = {"finetune": _finetune, "predict": _predict, "data": _data, "bench": _bench}
+def _export(args: argparse.Namespace) -> int:
+    from d2lft.checkpoint import load_finetuned
+    from d2lft.inference import export
+
+    _check_outputs(args.out)
+    net = load_finetuned(args.checkpoint)
+    with _shielded():
+        export(net, args.out)
+    print(f"wrote {args.out}: input (1, 3, {net.image_size}, {net.image_size}) normalised with mean {net.mean} "
+          f"and std {net.std}; output logits for {net.categories}")
+    return 0
+
+
+_COMMANDS = {"finetune": _finetune, "predict": _predict, "export": _export, "data": _data, "bench": _bench}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

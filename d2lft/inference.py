@@ -12,7 +12,7 @@ from d2lft.images import BadImageError, load_image
 from d2lft.loop import Runner, eval_outputs
 from d2lft.net import Net
 
-__all__ = ["classify"]
+__all__ = ["classify", "export"]
 
 
 @torch.no_grad()
@@ -67,3 +67,31 @@ def classify(
         for row_v, row_i in zip(values, indices)
     )
     return [next(labels) if result is None else result for result in results]
+
+
+def export(net: Net, path: str | Path) -> Path:
+    """Save `net` with ``torch.export`` (eval mode, CPU, a batch of one image at its size), loadable with
+    ``torch.export.load(path).module()`` and PyTorch alone.
+
+    The file holds the network only: feed it images prepared with ``net.transforms()``. Its class
+    names and preprocessing travel in the file too, as ``extra_files["d2lft.json"]``.
+
+    >>> import tempfile
+    >>> from d2lft.models import create_model
+    >>> net = create_model("efficientnet_lite0", num_classes=2)
+    >>> path = export(net, Path(tempfile.mkdtemp()) / "net.pt2")
+    >>> x = torch.randn(1, 3, 224, 224)
+    >>> torch.allclose(torch.export.load(path).module()(x), net.eval()(x), atol=1e-4)
+    True
+    """
+    import dataclasses
+    import json
+
+    path = Path(path)
+    net = net.cpu().eval()
+    example = torch.zeros(1, 3, net.image_size, net.image_size)
+    program = torch.export.export(net, (example,))
+    meta = {"categories": net.categories, "preprocessing": dataclasses.asdict(net.preprocessing), "name": net.name}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.export.save(program, path, extra_files={"d2lft.json": json.dumps(meta)})
+    return path

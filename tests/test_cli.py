@@ -134,3 +134,22 @@ def test_a_second_ctrl_c_during_the_final_writes_loses_nothing(tmp_path, monkeyp
     out = tmp_path / "out.json"
     cli._write_json(out, {"val_acc": 0.9})
     assert json.loads(out.read_text()) == {"val_acc": 0.9}
+
+
+def test_predict_with_your_checkpoint_and_export_agree(tiny_folder, tmp_path, capsys):
+    import torch
+
+    from d2lft.checkpoint import load_finetuned
+
+    ckpt, exported = tmp_path / "run.pt", tmp_path / "net.pt2"
+    assert main(["finetune", str(tiny_folder), "--strategy", "finetune", "--epochs", "1", "--image-size", "32",
+                 "--batch-size", "4", "--checkpoint", str(ckpt)]) == 0
+    photo = tiny_folder / "val" / "b" / "0.jpg"
+    assert main(["predict", str(photo), "--checkpoint", str(ckpt), "--topk", "2"]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert lines[-3] == str(photo) and {lines[-2].split()[-1], lines[-1].split()[-1]} == {"a", "b"}
+    net = load_finetuned(ckpt)
+    assert net.categories == ["a", "b"] and net.preprocessing.image_size == 32  # what it was trained with
+    assert main(["export", str(ckpt), "--out", str(exported)]) == 0
+    x = net.transforms()(torch.zeros(3, 40, 40, dtype=torch.uint8)).unsqueeze(0)
+    assert torch.allclose(torch.export.load(exported).module()(x), net(x), atol=1e-5)
