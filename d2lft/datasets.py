@@ -29,13 +29,17 @@ class DatasetInfo:
     """Where a dataset comes from and what its extracted folder must contain."""
 
     name: str
-    url: str | None  # None: generated locally (see d2lft.synthetic)
+    url: str | None  # None: not downloadable (generated locally, or found under the data directory only)
     sha1: str | None  # None: no published hash; the extracted layout is checked instead
     folder: str  # name of the extracted folder under the data directory
-    splits: tuple[str, ...]
+    splits: tuple[str, ...]  # () when the class folders sit directly in `folder` (use val_split)
     classes: tuple[str, ...]
     description: str
+    generated: bool = False  # made on this machine in seconds (d2lft.synthetic)
 
+
+EUROSAT_CLASSES = ("AnnualCrop", "Forest", "HerbaceousVegetation", "Highway", "Industrial", "Pasture",
+                   "PermanentCrop", "Residential", "River", "SeaLake")
 
 DATASETS = MappingProxyType(
     {
@@ -68,6 +72,30 @@ DATASETS = MappingProxyType(
             classes=synthetic.CLASSES,
             description="Synthetic shapes on textured backgrounds, generated offline in seconds; "
             "targets.csv holds each object's size for regression",
+            generated=True,
+        ),
+        # The authors publish no checksum for the RGB archive (and torchvision's md5 is of a re-hosted
+        # copy), so, as for hymenoptera, a download is accepted when the extracted folder has the layout
+        # of the release: 2750/<one folder per class>/<64x64 JPEGs>, 27,000 images, no train/val split.
+        "eurosat": DatasetInfo(
+            name="eurosat",
+            url="https://madm.dfki.de/files/sentinel/EuroSAT.zip",
+            sha1=None,
+            folder="2750",
+            splits=(),
+            classes=EUROSAT_CLASSES,
+            description="EuroSAT RGB (Helber et al. 2019, MIT): 27,000 Sentinel-2 land-use tiles, 64x64, "
+            "10 classes, no split (use val_split), 90 MB",
+        ),
+        "eurosat_small": DatasetInfo(
+            name="eurosat_small",
+            url=None,
+            sha1=None,
+            folder="eurosat_small",
+            splits=("train", "val"),
+            classes=EUROSAT_CLASSES,
+            description="1,500 EuroSAT RGB tiles, 100 train / 50 val per class (the course's shared data; "
+            "not downloadable: found under D2LFT_DATA_DIR)",
         ),
     }
 )
@@ -88,7 +116,7 @@ def list_datasets() -> list[DatasetInfo]:
     """The datasets `get_dataset` knows.
 
     >>> [d.name for d in list_datasets()]
-    ['hotdog', 'hymenoptera', 'shapes']
+    ['hotdog', 'hymenoptera', 'shapes', 'eurosat', 'eurosat_small']
     """
     return list(DATASETS.values())
 
@@ -113,7 +141,7 @@ def get_dataset(name: str, *, root: str | os.PathLike[str] | None = None, downlo
         )
     info = DATASETS[name]
     root = Path(root).expanduser() if root is not None else env.data_dir()
-    if info.url is None:
+    if info.generated:
         return synthetic.make_shapes(_generated_root(root, info.folder))
     folder = root / info.folder
     if folder.exists():
@@ -124,6 +152,10 @@ def get_dataset(name: str, *, root: str | os.PathLike[str] | None = None, downlo
                 reason="incomplete folder",
             )
         return folder
+    if info.url is None:
+        raise DatasetNotAvailableError(
+            f"dataset {name!r} not found at {folder}; it cannot be downloaded: set D2LFT_DATA_DIR to the folder "
+            f"holding {info.folder}/ (the course's shared data)", reason="not found")
     if (not download or env.offline()) and not _archive_path(info, root).is_file():
         why = "download=False" if not download else "offline: D2LFT_OFFLINE is set"
         raise DatasetNotAvailableError(
@@ -180,11 +212,11 @@ def course_dataset(
 
 def _layout_problem(folder: Path, info: DatasetInfo) -> str | None:
     """What is missing from an extracted dataset folder, or None when it looks complete."""
-    for split in info.splits:
+    for split in info.splits or ("",):
         for name in info.classes:
             class_dir = folder / split / name
             if not class_dir.is_dir() or not any(class_dir.iterdir()):
-                return f"has no images in {split}/{name}/"
+                return f"has no images in {Path(split, name)}/"
     return None
 
 
@@ -196,7 +228,7 @@ def _archive_path(info: DatasetInfo, root: Path) -> Path:
 def _how_to_get(info: DatasetInfo, root: Path) -> str:
     return (
         f"download {info.url} by hand and save it as {_archive_path(info, root)} (d2lft verifies and extracts it), "
-        f"or extract it yourself so that {root / info.folder / info.splits[0]} exists"
+        f"or extract it yourself so that {root / info.folder / (info.splits or info.classes)[0]} exists"
     )
 
 

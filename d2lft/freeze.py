@@ -29,6 +29,7 @@ __all__ = [
     "train_last",
     "count_parameters",
     "set_train_mode",
+    "freeze_batchnorm",
     "preserved",
     "trainable_blocks",
     "GradualUnfreezing",
@@ -147,6 +148,25 @@ def set_train_mode(module: nn.Module, mode: bool = True) -> nn.Module:
                 if params and not any(p.requires_grad for p in params):
                     m.eval()
     return module
+
+
+def freeze_batchnorm(module: nn.Module) -> int:
+    """Freeze every BatchNorm layer of `module`: its weights, and (through `set_train_mode`) its statistics.
+
+    Fine-tuning with small batches, or on images whose statistics differ from ImageNet's, can make
+    the running mean and variance noisy; this keeps the pretrained ones (Keras's behaviour for a
+    frozen layer) while the convolutions train. Returns the number of layers frozen.
+
+    >>> net = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4))
+    >>> freeze_batchnorm(net), set_train_mode(net)[1].training, net[0].weight.requires_grad
+    (1, False, True)
+    """
+    layers = [m for m in module.modules() if isinstance(m, _BatchNorm)]
+    for m in layers:
+        for p in m.parameters():
+            p.requires_grad_(False)
+            p.grad = None
+    return len(layers)
 
 
 @contextmanager

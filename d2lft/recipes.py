@@ -20,14 +20,17 @@ from d2lft.data import ImageFolderData
 from d2lft.device import resolve_device
 from d2lft.errors import ConfigError
 from d2lft.features import PROBE_EPOCHS, PROBE_LR, probe
-from d2lft.freeze import unfreeze
+from d2lft.freeze import freeze_batchnorm, unfreeze
 from d2lft.net import Net
 from d2lft.optim import make_optimizer, param_groups
 from d2lft.train import History, fit
 
-__all__ = ["fine_tune", "STRATEGIES"]
+__all__ = ["fine_tune", "STRATEGIES", "BATCHNORM"]
 
 STRATEGIES = ("finetune", "probe", "lp-ft", "scratch")
+#: "update": BatchNorm layers train and their statistics follow the new images; "frozen": they keep
+#: ImageNet's statistics and weights (`d2lft.freeze_batchnorm`).
+BATCHNORM = ("update", "frozen")
 #: The one `fit` option `fine_tune` derives (from the data) rather than takes; the others pass through.
 _OWN = {"task"}
 
@@ -65,6 +68,7 @@ def fine_tune(
     scheduler: str | None = "warmup_cosine",
     probe_epochs: int = PROBE_EPOCHS,
     probe_lr: float = PROBE_LR,
+    batchnorm: str = "update",
     device: str | torch.device | None = None,
     progress: bool = True,
     seed: int = 0,
@@ -76,7 +80,7 @@ def fine_tune(
     training all layers (default 3). `lr` is the backbone's learning rate (default 5e-4); the
     head gets ``lr * head_lr_mult`` (``scratch`` uses one rate for all). The probe trains the
     head for `probe_epochs` at `probe_lr` on cached features, which takes seconds; ``lr`` does
-    not apply to it. Any other keyword argument goes to `d2lft.fit` (``loss_fn``, ``best``,
+    not apply to it. `batchnorm` is one of `BATCHNORM`. Any other keyword argument goes to `d2lft.fit` (``loss_fn``, ``best``,
     ``early_stopping``, ``checkpoint``, ``resume``, ``callbacks`` ...).
 
     Example::
@@ -85,6 +89,8 @@ def fine_tune(
     """
     if strategy not in STRATEGIES:
         raise ConfigError(f"fine_tune: strategy={strategy!r}; expected one of {STRATEGIES}")
+    if batchnorm not in BATCHNORM:
+        raise ConfigError(f"fine_tune: batchnorm={batchnorm!r}; expected one of {BATCHNORM}")
     clash = sorted(_OWN & set(fit_options))
     if clash:
         raise ConfigError(f"fine_tune: {clash[0]}= is fine_tune's own option, not one to pass through to fit")
@@ -114,6 +120,8 @@ def fine_tune(
         unfreeze(net)
         if strategy == "probe" or probed.halted:
             return probed  # an interrupted or diverged probe does not go on to fine-tune
+    if batchnorm == "frozen":
+        freeze_batchnorm(net.backbone)
     mult = 1.0 if strategy == "scratch" else head_lr_mult
     groups = param_groups(net, lr=lr, head_lr_mult=mult, weight_decay=weight_decay)
     history = fit(net, data.train, data.val, epochs=epochs, optimizer=make_optimizer(groups, optimizer),

@@ -47,7 +47,7 @@ def test_registry_is_immutable():
 
 
 def test_registry_entries():
-    assert [d.name for d in list_datasets()] == ["hotdog", "hymenoptera", "shapes"]
+    assert [d.name for d in list_datasets()] == ["hotdog", "hymenoptera", "shapes", "eurosat", "eurosat_small"]
     hotdog, ants = DATASETS["hotdog"], DATASETS["hymenoptera"]
     assert hotdog.sha1 == "fba480ffa8aa7e0febbb511d181409f899b9baa5" and hotdog.splits == ("train", "test")
     assert ants.sha1 is None and ants.folder == "hymenoptera_data" and ants.classes == ("ants", "bees")
@@ -69,7 +69,7 @@ def test_get_dataset_default_root_is_the_data_dir(tmp_path, monkeypatch):
 
 
 def test_unknown_dataset_lists_the_known_ones(tmp_path):
-    with pytest.raises(ValueError, match="unknown dataset 'cats'.*hotdog, hymenoptera, shapes"):
+    with pytest.raises(ValueError, match="unknown dataset 'cats'.*hotdog, hymenoptera, shapes, eurosat, eurosat_small"):
         get_dataset("cats", root=tmp_path)
 
 
@@ -189,3 +189,37 @@ def test_offline_a_hand_saved_archive_is_used_where_the_message_said(tmp_path, m
             zf.write(path, path.relative_to(source.parent).as_posix())
     assert get_dataset("hymenoptera", root=root) == root / "hymenoptera_data"
     assert not archive.exists()
+
+
+def test_eurosat_small_is_found_under_the_data_dir_and_never_downloaded(tmp_path, monkeypatch):
+    monkeypatch.setattr(download, "download_url", lambda *a, **k: pytest.fail("download attempted"))
+    with pytest.raises(DatasetNotAvailableError, match="cannot be downloaded: set D2LFT_DATA_DIR"):
+        get_dataset("eurosat_small", root=tmp_path)
+    folder = tmp_path / "eurosat_small"
+    make_image_folder(folder, classes=DATASETS["eurosat_small"].classes, per_class=1)
+    assert get_dataset("eurosat_small", root=tmp_path) == folder
+
+
+@pytest.mark.photos
+def test_the_shared_eurosat_small_has_the_registry_layout():
+    root = Path(__import__("os").environ.get("D2LFT_DATA_DIR", "../shared/data"))
+    if not (root / "eurosat_small" / "train").is_dir():
+        pytest.skip(f"eurosat_small not found under {root}: set D2LFT_DATA_DIR=../shared/data")
+    folder = get_dataset("eurosat_small", root=root)
+    assert (folder / "SOURCE.txt").is_file()  # the attribution travels with the data
+    assert sorted(p.name for p in (folder / "train").iterdir()) == sorted(DATASETS["eurosat_small"].classes)
+
+
+def test_eurosat_archive_layout_is_checked_without_a_published_checksum(tmp_path, monkeypatch):
+    # The release extracts to 2750/<class>/ with no train/val split: that layout is what is verified.
+    source = tmp_path / "server" / "2750"
+    for name in DATASETS["eurosat"].classes:
+        (source / name).mkdir(parents=True)
+        (source / name / f"{name}_1.jpg").write_bytes(b"jpeg")
+    archive = tmp_path / "server.zip"
+    with zipfile.ZipFile(archive, "w") as zf:
+        for path in sorted(source.rglob("*")):
+            zf.write(path, path.relative_to(source.parent).as_posix())
+    monkeypatch.setattr(download, "download_url", lambda url, dest, **kw: Path(shutil.copy(archive, dest)))
+    assert DATASETS["eurosat"].sha1 is None
+    assert get_dataset("eurosat", root=tmp_path / "data") == tmp_path / "data" / "2750"
