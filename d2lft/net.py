@@ -6,7 +6,7 @@ know where the head is and which blocks the backbone is made of, so they work on
 """
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 import torch
 from torch import nn
@@ -29,6 +29,8 @@ class Net(nn.Module):
         name: the model's name in `d2lft.create_model`.
         mean, std, image_size: the preprocessing the weights were trained with.
         categories: class names of the current head (ImageNet names for the original head).
+        meta: plain facts about the weights, e.g. ``{"imagenet_top1": 75.1, "source": ...,
+            "license": ..., "crop_fraction": 0.875}`` (`transforms` reads ``crop_fraction``).
 
     Example:
         >>> backbone = nn.Sequential(nn.Conv2d(3, 8, 3), nn.AdaptiveAvgPool2d(1), nn.Flatten())
@@ -49,6 +51,7 @@ class Net(nn.Module):
         std: Sequence[float] = IMAGENET_STD,
         image_size: int = 224,
         categories: Sequence[str] | None = None,
+        meta: Mapping[str, object] | None = None,
     ) -> None:
         super().__init__()
         self.backbone = backbone
@@ -60,6 +63,7 @@ class Net(nn.Module):
         self.std = tuple(std)
         self.image_size = image_size
         self.categories = list(categories) if categories is not None else None
+        self.meta = dict(meta or {})
         missing = [b for b in self.block_names if not hasattr(backbone, b)]
         if missing:
             raise ValueError(f"Net {name!r}: the backbone has no child named {missing}")
@@ -85,12 +89,12 @@ class Net(nn.Module):
         last = [m for m in self.head.modules() if isinstance(m, nn.Linear)][-1]
         return last.out_features
 
-    def transforms(self, *, image_size: int | None = None, crop_fraction: float = 0.875):
+    def transforms(self, *, image_size: int | None = None, crop_fraction: float | None = None):
         """Evaluation preprocessing for these weights (works on PIL images and uint8 tensors).
 
         The shorter side is resized to ``image_size / crop_fraction`` and the centre cropped:
-        0.875 (the ImageNet convention, used for training data) trims the borders; 1.0 keeps the
-        whole centre square.
+        the weights' own fraction (``meta["crop_fraction"]``, else 0.875, the ImageNet
+        convention) trims the borders; 1.0 keeps the whole centre square.
 
         >>> backbone = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten())
         >>> Net(backbone, nn.Linear(3, 2), blocks=[], num_features=3, name="t").transforms(image_size=64)
@@ -99,6 +103,8 @@ class Net(nn.Module):
         from torchvision.transforms import v2
 
         size = image_size or self.image_size
+        if crop_fraction is None:
+            crop_fraction = self.meta.get("crop_fraction", 0.875)
         if not 0 < crop_fraction <= 1:
             raise ValueError(f"crop_fraction={crop_fraction!r}: expected a fraction in (0, 1]")
         return v2.Compose(
