@@ -1,7 +1,8 @@
 """The `d2lft` command line: fine-tune, predict, manage datasets, benchmark.
 
-    d2lft finetune DATA_DIR [--model NAME] [--strategy S] [--epochs N] [--json PATH]
-    d2lft predict IMAGE... [--model NAME] [--topk K]
+    d2lft finetune DATA_DIR [--model NAME] [--strategy S] [--epochs N] [--val-split F] [--json PATH]
+    d2lft predict IMAGE... [--model NAME | --checkpoint PATH] [--topk K]
+    d2lft export CHECKPOINT --out PATH
     d2lft data list | d2lft data download NAME
     d2lft bench [--model NAME] [--image-size N] [--device cpu|cuda]
 
