@@ -163,6 +163,47 @@ class ImageFolderData:
         return dataclasses.replace(self, train=train, train_dataset=train_dataset,
                                    augment=augment if isinstance(augment, str) else "custom")
 
+    def holdout(self, fraction: float = 0.2, *, seed: int = 0) -> ImageFolderData:
+        """The training images split in two, per class and seeded: train on the rest, choose on the hold-out.
+
+        Whatever a run selects (the best epoch, a phase, a recipe) must be chosen on images that
+        the figure it reports never saw: the result's ``val`` is the hold-out (evaluation
+        transform) and ``val/`` stays untouched in this object for the final figure. Needs at
+        least 2 training images per class.
+
+        >>> import tempfile
+        >>> from d2lft.synthetic import make_shapes
+        >>> data = image_folders(make_shapes(tempfile.mkdtemp(), train_per_class=5, val_per_class=1),
+        ...                      Preprocessing(image_size=16), progress=False)
+        >>> inner = data.holdout(0.2)
+        >>> len(inner.train_dataset), len(inner.val_dataset), len(data.train_dataset)
+        (20, 5, 25)
+        """
+        if not 0 < fraction < 1:
+            raise ConfigError(f"holdout: fraction={fraction!r}; expected a fraction between 0 and 1 (e.g. 0.2)")
+        by_class: dict[object, list[int]] = {}
+        for i, (_, t) in enumerate(self.train_dataset.samples):
+            by_class.setdefault(t if self.target == "class" else 0, []).append(i)
+        generator = torch.Generator().manual_seed(seed)
+        kept, held = [], []
+        for key, items in by_class.items():
+            if len(items) < 2:
+                name = self.classes[key] if self.target == "class" else "the data"
+                raise ConfigError(f"holdout: class {name!r} has {len(items)} training image; a hold-out needs 2 or more")
+            order = torch.randperm(len(items), generator=generator).tolist()
+            n = min(len(items) - 1, max(1, round(fraction * len(items))))
+            held += [items[i] for i in sorted(order[:n])]
+            kept += [items[i] for i in sorted(order[n:])]
+        train_dataset = _subset(self.train_dataset, sorted(kept), self.train_dataset.transform)
+        val_dataset = _subset(self.train_dataset, sorted(held), self.preprocessing.eval_transform())
+        return dataclasses.replace(
+            self, train_dataset=train_dataset, val_dataset=val_dataset,
+            train=_loader(train_dataset, batch_size=self.train.batch_size, shuffle=True,
+                          num_workers=self.train.num_workers, seed=seed),
+            val=_loader(val_dataset, batch_size=self.val.batch_size, shuffle=False,
+                        num_workers=self.val.num_workers, seed=seed),
+        )
+
     @property
     def num_outputs(self) -> int:
         """Width of the head this data needs: one per class, or 1 for a regression target."""
@@ -174,6 +215,19 @@ class ImageFolderData:
             f"train={len(self.train_dataset)} images, val={len(self.val_dataset)} images, "
             f"image_size={self.image_size}, augment={self.augment!r}, cache={self.cache}, skipped={len(self.skipped)})"
         )
+
+
+def _subset(dataset: Dataset, indices: list[int], transform) -> Dataset:
+    """The items `indices` of a dataset made by `image_folders`, with `transform` (cached images are shared)."""
+    samples = [dataset.samples[i] for i in indices]
+    if isinstance(dataset, CachedImageDataset):
+        index = torch.tensor(indices, dtype=torch.long)
+        part: Dataset = CachedImageDataset(dataset.images[index], dataset.targets[index], paths=[p for p, _ in samples],
+                                           classes=dataset.classes, transform=transform)
+    else:
+        part = _FolderDataset(Path(dataset.root), classes=dataset.classes, samples=samples, transform=transform)
+    part.preprocessing = dataset.preprocessing
+    return part
 
 
 def _with_transform(dataset: Dataset, transform) -> Dataset:

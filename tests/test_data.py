@@ -399,3 +399,20 @@ def test_a_class_with_only_bad_images_is_an_error(tiny_folder):
     message = f"no readable image left in {tiny_folder / 'val' / 'b'}"
     with pytest.warns(BadImageWarning), pytest.raises(ValueError, match=message):
         image_folders(tiny_folder, IMAGENET, **FAST)
+
+
+@pytest.mark.parametrize("cache", [True, False])
+def test_holdout_carves_train_per_class_and_leaves_val_alone(shapes_root, cache):
+    data = image_folders(shapes_root, IMAGENET, cache=cache, **FAST)
+    inner = data.holdout(0.34, seed=1)
+    train = {p for p, _ in inner.train_dataset.samples}
+    held = {p for p, _ in inner.val_dataset.samples}
+    assert not train & held and train | held == {p for p, _ in data.train_dataset.samples}
+    per_class = [sum(1 for _, t in inner.val_dataset.samples if t == c) for c in range(len(data.classes))]
+    assert per_class == [1] * len(data.classes)  # 3 training images per class: one held out from each
+    assert data.val_dataset.samples == image_folders(shapes_root, IMAGENET, cache=cache, **FAST).val_dataset.samples
+    x, _ = inner.val_dataset[0]
+    assert torch.equal(x, inner.val_dataset[0][0])  # the hold-out is read with the evaluation transform
+    assert inner.holdout(0.5, seed=1).train_dataset.samples == inner.holdout(0.5, seed=1).train_dataset.samples
+    with pytest.raises(ValueError, match="needs 2 or more"):
+        inner.holdout(0.5).holdout(0.5)
