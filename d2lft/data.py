@@ -163,6 +163,26 @@ class ImageFolderData:
         return dataclasses.replace(self, train=train, train_dataset=train_dataset,
                                    augment=augment if isinstance(augment, str) else "custom")
 
+    def resized(self, image_size: int) -> ImageFolderData:
+        """The same images prepared at another size (no decoding again: the cache is resized on the fly).
+
+        A CPU fine-tunes several times faster at 128 px than at 224; a probe's features can still
+        come from the larger images of this object.
+        """
+        preprocessing = self.preprocessing.with_size(image_size)
+        train = _with_transform(self.train_dataset, train_transform(preprocessing, self.augment)
+                                if self.augment != "custom" else self.train_dataset.transform)
+        val = _with_transform(self.val_dataset, preprocessing.eval_transform())
+        for dataset in (train, val):
+            dataset.preprocessing = preprocessing
+        return dataclasses.replace(
+            self, preprocessing=preprocessing, train_dataset=train, val_dataset=val,
+            train=DataLoader(train, batch_size=self.train.batch_size, shuffle=True,
+                             generator=torch.Generator().manual_seed(self.train.generator.initial_seed()),
+                             num_workers=self.train.num_workers, drop_last=self.train.drop_last),
+            val=DataLoader(val, batch_size=self.val.batch_size, shuffle=False, num_workers=self.val.num_workers),
+        )
+
     def holdout(self, fraction: float = 0.2, *, seed: int = 0) -> ImageFolderData:
         """The training images split in two, per class and seeded: train on the rest, choose on the hold-out.
 

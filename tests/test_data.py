@@ -416,3 +416,12 @@ def test_holdout_carves_train_per_class_and_leaves_val_alone(shapes_root, cache)
     assert inner.holdout(0.5, seed=1).train_dataset.samples == inner.holdout(0.5, seed=1).train_dataset.samples
     with pytest.raises(ValueError, match="needs 2 or more"):
         inner.holdout(0.5).holdout(0.5)
+
+
+def test_resized_shares_the_cache_and_prepares_the_new_size(shapes_root):
+    data = image_folders(shapes_root, IMAGENET, **FAST)
+    small = data.resized(16)
+    assert small.train_dataset.images is data.train_dataset.images and small.image_size == 16
+    assert next(iter(small.train))[0].shape[-2:] == (16, 16) and small.val_dataset[0][0].shape == (3, 16, 16)
+    assert data.image_size == 32 and data.val_dataset[0][0].shape == (3, 32, 32)
+    assert small.train_dataset.preprocessing.image_size == 16  # fit checks the normalisation, which is the same
