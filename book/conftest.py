@@ -1,0 +1,71 @@
+"""pytest runs every chapter once: a chapter passes when all its cells, hidden asserts included, run.
+
+The book build (``jupyter-book build``, ``execute_notebooks: cache``) and pytest share one
+jupyter-cache (``_build/.jupyter_cache``). Whichever runs a chapter first executes it in a fresh
+kernel and stores the executed notebook; the other finds the stored run of the same code and
+reuses it instead of executing the chapter a second time. A failing cell fails the build and the
+test alone (failed runs are never stored), so both guarantees hold with one execution per chapter:
+the HTML shows what ran, and a failing cell or assert fails the tests. Edit a code cell and the
+chapter runs again.
+"""
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import pytest
+
+CACHE = Path(__file__).resolve().parent.parent / "_build" / ".jupyter_cache"
+TIMEOUT = 600  # seconds per cell, as the book build allows
+
+
+def pytest_collect_file(file_path: Path, parent):
+    if file_path.suffix == ".ipynb" and not file_path.name.startswith("."):
+        return ChapterFile.from_parent(parent, path=file_path)
+    return None
+
+
+class ChapterFile(pytest.File):
+    def collect(self):
+        yield ChapterRun.from_parent(self, name="runs")
+
+
+class ChapterRun(pytest.Item):
+    """Every cell of one chapter, executed top to bottom in one kernel (or that run, stored by the build)."""
+
+    def runtest(self) -> None:
+        import nbformat
+        from jupyter_cache import get_cache
+        from jupyter_cache.base import CacheBundleIn
+        from jupyter_cache.executors.utils import single_nb_execution
+
+        notebook = nbformat.read(self.path, as_version=4)
+        cache = get_cache(str(CACHE))
+        try:
+            record = cache.match_cache_notebook(notebook)
+        except KeyError:
+            record = None
+        if record is not None:  # the build (or an earlier pytest) ran exactly this code: nothing to redo
+            seconds = record.data.get("execution_seconds")
+            self.add_report_section("call", "chapter", f"reused the stored run ({seconds or 0:.0f} s), ID={record.pk}")
+            return
+        start = time.perf_counter()
+        result = single_nb_execution(notebook, cwd=str(self.path.parent), allow_errors=False, timeout=TIMEOUT,
+                                     meta_override=True)
+        if result.err is not None:
+            raise ChapterFailed(result.exc_string or repr(result.err))
+        cache.cache_notebook_bundle(CacheBundleIn(notebook, str(self.path), data={"execution_seconds": result.time}),
+                                    check_validity=False, overwrite=True)
+        self.add_report_section("call", "chapter", f"executed in {time.perf_counter() - start:.0f} s")
+
+    def repr_failure(self, excinfo, style=None):
+        if isinstance(excinfo.value, ChapterFailed):
+            return f"{self.path.name}: a cell failed\n{excinfo.value}"
+        return super().repr_failure(excinfo)
+
+    def reportinfo(self):
+        return self.path, None, f"{self.path.name}: every cell runs"
+
+
+class ChapterFailed(Exception):
+    """A cell of the chapter raised (an error, or a hidden assert that no longer holds)."""
