@@ -1,4 +1,4 @@
-"""pytest runs every chapter once: a chapter passes when all its cells, hidden asserts included, run.
+"""A pytest plugin (`-p chapters`): each chapter runs once and passes when all its cells run.
 
 The book build (``jupyter-book build``, ``execute_notebooks: cache``) and pytest share one
 jupyter-cache (``_build/.jupyter_cache``). Whichever runs a chapter first executes it in a fresh
