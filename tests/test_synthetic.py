@@ -149,8 +149,7 @@ def test_pretrained_features_solve_shapes_with_few_labels(tmp_path):
 
     @torch.no_grad()
     def features(target: str) -> tuple[torch.Tensor, ...]:
-        data = image_folders(folder, image_size=96, augment="none", mean=net.mean, std=net.std,
-                             target=target, progress=False)
+        data = image_folders(folder, net, image_size=96, augment="none", target=target, progress=False)
         out = []
         for loader in (data.train, data.val):  # one pass each: the train loader reshuffles every pass
             batches = [(net.forward_features(x), y) for x, y in loader]
