@@ -19,7 +19,7 @@ import torch
 from torch import nn
 from torchvision import models as tvm
 
-from d2lft.efficientnet_lite import LITE0_MEAN, LITE0_STD, VARIANTS, efficientnet_lite
+from d2lft.efficientnet_lite import LITE_MEAN, LITE_STD, VARIANTS, efficientnet_lite
 from d2lft.env import offline
 from d2lft.net import Net
 from d2lft.weights import PACKAGED, WeightsUnavailableError, place_in_torch_hub
@@ -176,7 +176,7 @@ def _build(name: str, *, pretrained: bool, progress: bool) -> Net:
     if name in VARIANTS:
         variant = VARIANTS[name]
         parts, head = _split_lite(efficientnet_lite(name, pretrained=pretrained))
-        mean, std, size, categories = LITE0_MEAN, LITE0_STD, variant.image_size, _imagenet_categories()
+        mean, std, size, categories = LITE_MEAN, LITE_STD, variant.image_size, _imagenet_categories()
         meta = {
             "imagenet_top1": variant.imagenet_top1,  # TensorFlow's EfficientNet-Lite release
             "source": f"{PACKAGED[name].install} (TensorFlow checkpoint converted to PyTorch)",
