@@ -41,9 +41,8 @@ __all__ = [
     "SamePad",
     "MBConv",
     "STAGES",
-    "LITE0_MEAN",
-    "LITE0_STD",
-    "LITE0_IMAGE_SIZE",
+    "LITE_MEAN",
+    "LITE_STD",
     "efficientnet_lite",
     "efficientnet_lite0",
     "lite_weights_path",
@@ -52,11 +51,10 @@ __all__ = [
     "rename_lite0_key",
 ]
 
-# TF-Lite models were trained on (pixel - 127) / 128; on [0, 1] inputs that is mean = std = 0.5.
+# EfficientNet-Lite was trained on (pixel - 127) / 128; on [0, 1] inputs that is mean = std = 0.5.
 # With ImageNet's mean/std instead, Grace Hopper's top-1 probability drops (see tests/test_models.py).
-LITE0_MEAN = (0.5, 0.5, 0.5)
-LITE0_STD = (0.5, 0.5, 0.5)
-LITE0_IMAGE_SIZE = 224
+LITE_MEAN = (0.5, 0.5, 0.5)
+LITE_STD = (0.5, 0.5, 0.5)
 
 # One row per stage of Lite0: (expand ratio, kernel size, stride of the first block, output channels, blocks).
 STAGES: tuple[tuple[int, int, int, int, int], ...] = (

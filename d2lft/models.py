@@ -19,7 +19,7 @@ import torch
 from torch import nn
 from torchvision import models as tvm
 
-from d2lft.efficientnet_lite import LITE0_MEAN, LITE0_STD, VARIANTS, efficientnet_lite
+from d2lft.efficientnet_lite import LITE_MEAN, LITE_STD, VARIANTS, efficientnet_lite
 from d2lft.env import offline
 from d2lft.errors import ConfigError
 from d2lft.metrics import TASKS
@@ -181,7 +181,7 @@ def _build(name: str, *, pretrained: bool, progress: bool) -> Net:
         size, categories = variant.image_size, _imagenet_categories()
         # TF evaluates on a centre crop of size / (size + 32) (0.875 at 224 px), resized bicubic;
         # d2lft resizes bilinear (what its Lite0 figures were measured with).
-        preprocessing = Preprocessing(mean=LITE0_MEAN, std=LITE0_STD, image_size=size,
+        preprocessing = Preprocessing(mean=LITE_MEAN, std=LITE_STD, image_size=size,
                                       crop_fraction=size / (size + 32))
         meta = {
             "imagenet_top1": variant.imagenet_top1,  # TensorFlow's EfficientNet-Lite release

@@ -1,0 +1,132 @@
+"""Do better ImageNet models transfer better? The four offline backbones, measured on this CPU.
+
+Per backbone: parameter count (the published 1000-class model), inference images/s at its own
+resolution and at 224 px (batch 32, eval, no grad, the same run side by side), its published
+ImageNet top-1, and linear-probe validation accuracy on ants/bees and EuroSAT (224 px, the
+64 px tiles upsampled) for several seeds. The probe is the one of ``d2lft.fine_tune(...,
+strategy="probe")``: features of the frozen backbone cached once per dataset (evaluation
+transform), then a fresh head trained for 30 epochs (AdamW, lr 3e-3, weight decay 1e-4, cosine);
+the seeds change only the head's initialisation and the order of the cached batches.
+
+    D2LFT_DATA_DIR=../shared/data python experiments/transfer.py speed
+    D2LFT_DATA_DIR=../shared/data python experiments/transfer.py probe --models efficientnet_lite0 ...
+
+Each phase updates experiments/transfer.json in place (one backbone at a time), so a long run
+can be split. Timings on a shared machine are noisy: the speed phase times all backbones in
+one process, interleaved over several rounds, and keeps the median; compare within one run only.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import time
+from pathlib import Path
+
+import torch
+from torch.utils.data import DataLoader
+
+import d2lft as ft
+from d2lft.train import set_seed
+
+BACKBONES = ("efficientnet_lite0", "efficientnet_lite1", "efficientnet_lite2", "mobilenet_v2")
+DATASETS = ("hymenoptera_data", "eurosat_small")
+PROBE = {"epochs": 30, "lr": 3e-3, "weight_decay": 1e-4, "batch_size": 64}  # d2lft.fine_tune's probe
+
+
+@torch.no_grad()
+def images_per_second(net: ft.Net, size: int, *, batch_size: int = 32, batches: int = 2) -> float:
+    """Forward passes of random images at `size` px, after one untimed warm-up batch."""
+    net.eval()
+    x = torch.randn(batch_size, 3, size, size)
+    net(x)
+    start = time.perf_counter()
+    for _ in range(batches):
+        net(x)
+    return batch_size * batches / (time.perf_counter() - start)
+
+
+def speed(models: list[str], *, rounds: int) -> dict[str, dict]:
+    """Parameters and images/s (median over `rounds` interleaved rounds) at the native size and 224 px."""
+    nets = {name: ft.create_model(name) for name in models}
+    runs: dict[tuple[str, int], list[float]] = {}
+    for _ in range(rounds):
+        for name, net in nets.items():
+            for size in sorted({net.image_size, 224}):
+                runs.setdefault((name, size), []).append(images_per_second(net, size))
+    return {
+        name: {
+            "imagenet_top1": net.meta["imagenet_top1"],
+            "params": sum(p.numel() for p in net.parameters()),
+            "image_size": net.image_size,
+            "images_per_s_native": statistics.median(runs[name, net.image_size]),
+            "images_per_s_224": statistics.median(runs[name, 224]),
+            "images_per_s_runs": {str(size): runs[name, size] for size in sorted({net.image_size, 224})},
+        }
+        for name, net in nets.items()
+    }
+
+
+def probe_accuracies(net: ft.Net, root: Path, *, seeds: list[int], image_size: int) -> tuple[list[float], float]:
+    """Final validation accuracy of a linear probe per seed, and the seconds spent caching features."""
+    data = ft.image_folders(root, image_size=image_size, batch_size=32, mean=net.mean, std=net.std, progress=False)
+    start = time.perf_counter()
+    train_feats = ft.extract_features(net, data.loader("train", augment=False), progress=False)
+    val_feats = ft.extract_features(net, data.val, progress=False)
+    seconds = time.perf_counter() - start
+    accs = []
+    for seed in seeds:
+        set_seed(seed)
+        head = ft.replace_head(net, len(data.classes)).head  # Xavier weight, zero bias
+        train = DataLoader(train_feats, batch_size=PROBE["batch_size"], shuffle=True,
+                           generator=torch.Generator().manual_seed(seed))
+        val = DataLoader(val_feats, batch_size=256)
+        history = ft.fit(head, train, val, epochs=PROBE["epochs"], lr=PROBE["lr"], weight_decay=PROBE["weight_decay"],
+                         scheduler="cosine", device="cpu", progress=False, seed=seed)
+        accs.append(history.val_acc[-1])
+    return accs, seconds
+
+
+def _save(path: Path, report: dict) -> None:
+    path.write_text(json.dumps(report, indent=2) + "\n")
+    print(f"wrote {path}", flush=True)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("phase", choices=("speed", "probe"))
+    parser.add_argument("--models", nargs="+", default=list(BACKBONES), choices=BACKBONES)
+    parser.add_argument("--json", type=Path, default=Path(__file__).with_name("transfer.json"))
+    parser.add_argument("--seeds", type=int, default=3)
+    parser.add_argument("--rounds", type=int, default=3, help="interleaved timing rounds (speed)")
+    parser.add_argument("--threads", type=int, default=2)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    data_dir = Path(os.environ.get("D2LFT_DATA_DIR", "data"))
+    report = json.loads(args.json.read_text()) if args.json.is_file() else {"speed": {}, "probe": {}}
+    report["machine"] = {"cpu_count": os.cpu_count(), "torch": torch.__version__, "python": platform.python_version()}
+    if args.phase == "speed":
+        report["speed"] = speed(args.models, rounds=args.rounds)
+        report["speed_settings"] = (f"batch 32 random images, eval, no grad; per round 1 warm-up + 2 timed batches "
+                                    f"per model and size; median of {args.rounds} interleaved rounds; "
+                                    f"{args.threads} threads; the 2 cores were shared with other jobs")
+        _save(args.json, report)
+        return
+    seeds = list(range(args.seeds))
+    report["probe_settings"] = {**PROBE, "seeds": seeds, "image_size": 224, "metric": "val_acc after the last epoch"}
+    for name in args.models:
+        net = ft.create_model(name)
+        row = {}
+        for dataset in DATASETS:
+            accs, seconds = probe_accuracies(net, data_dir / dataset, seeds=seeds, image_size=224)
+            row[dataset] = {"val_acc": accs, "mean": statistics.mean(accs), "sd": statistics.stdev(accs),
+                            "feature_seconds": seconds, "threads": args.threads}
+        report["probe"][name] = row
+        print(name, json.dumps(row), flush=True)
+        _save(args.json, report)
+
+
+if __name__ == "__main__":
+    main()
