@@ -26,10 +26,9 @@ import time
 from pathlib import Path
 
 import torch
-from torch.utils.data import DataLoader
 
 import d2lft as ft
-from d2lft.train import set_seed
+from d2lft.device import set_seed
 
 BACKBONES = ("efficientnet_lite0", "efficientnet_lite1", "efficientnet_lite2", "mobilenet_v2")
 DATASETS = ("hymenoptera_data", "eurosat_small")
@@ -71,20 +70,17 @@ def speed(models: list[str], *, rounds: int) -> dict[str, dict]:
 
 def probe_accuracies(net: ft.Net, root: Path, *, seeds: list[int], image_size: int) -> tuple[list[float], float]:
     """Final validation accuracy of a linear probe per seed, and the seconds spent caching features."""
-    data = ft.image_folders(root, image_size=image_size, batch_size=32, mean=net.mean, std=net.std, progress=False)
+    data = ft.image_folders(root, net, image_size=image_size, batch_size=32, progress=False)
     start = time.perf_counter()
-    train_feats = ft.extract_features(net, data.loader("train", augment=False), progress=False)
-    val_feats = ft.extract_features(net, data.val, progress=False)
+    loaders = ft.feature_loaders(net, data, batch_size=PROBE["batch_size"], progress=False)
     seconds = time.perf_counter() - start
     accs = []
     for seed in seeds:
         set_seed(seed)
-        head = ft.replace_head(net, len(data.classes)).head  # Xavier weight, zero bias
-        train = DataLoader(train_feats, batch_size=PROBE["batch_size"], shuffle=True,
-                           generator=torch.Generator().manual_seed(seed))
-        val = DataLoader(val_feats, batch_size=256)
-        history = ft.fit(head, train, val, epochs=PROBE["epochs"], lr=PROBE["lr"], weight_decay=PROBE["weight_decay"],
-                         scheduler="cosine", device="cpu", progress=False, seed=seed)
+        ft.replace_head(net, len(data.classes))  # Xavier weight, zero bias
+        loaders[0].generator.manual_seed(seed)
+        history = ft.probe(net, data, epochs=PROBE["epochs"], lr=PROBE["lr"], weight_decay=PROBE["weight_decay"],
+                           seed=seed, device="cpu", loaders=loaders)
         accs.append(history.val_acc[-1])
     return accs, seconds
 
