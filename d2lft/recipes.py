@@ -5,7 +5,9 @@ Strategies (the four columns of chapter 1's table):
 - ``probe``: freeze the backbone, cache its features once, train only the new head on them.
 - ``finetune``: train everything; the new head learns ``head_lr_mult`` times faster.
 - ``lp-ft``: a probe first (so the random head does not wreck the pretrained features), then
-  fine-tune everything at a small learning rate (Kumar et al., 2022).
+  fine-tune everything from the probed head at one small learning rate, with a short warm-up and
+  no head multiplier (Kumar et al., 2022); the phase that validates better is kept
+  (``History.kept``), so lp-ft never ends below its own probe.
 - ``scratch``: train everything with one learning rate; pass a net made with ``pretrained=False``.
 """
 from __future__ import annotations
@@ -22,7 +24,7 @@ from d2lft.errors import ConfigError
 from d2lft.features import PROBE_EPOCHS, PROBE_LR, probe
 from d2lft.freeze import freeze_batchnorm, unfreeze
 from d2lft.net import Net
-from d2lft.optim import make_optimizer, param_groups
+from d2lft.optim import make_optimizer, make_scheduler, param_groups
 from d2lft.train import History, fit
 
 __all__ = ["fine_tune", "STRATEGIES", "BATCHNORM"]
@@ -62,7 +64,7 @@ def fine_tune(
     strategy: str = "lp-ft",
     epochs: int | None = None,
     lr: float | None = None,
-    head_lr_mult: float = 10.0,
+    head_lr_mult: float | None = None,
     weight_decay: float = 1e-4,
     optimizer: str = "adamw",
     scheduler: str | None = "warmup_cosine",
@@ -77,11 +79,16 @@ def fine_tune(
     """Fine-tune `net` on `data` with one of `STRATEGIES`; returns the `History` (both phases for lp-ft).
 
     `epochs` counts the probe's epochs for ``probe`` (default `probe_epochs`), else the epochs of
-    training all layers (default 3). `lr` is the backbone's learning rate (default 5e-4); the
-    head gets ``lr * head_lr_mult`` (``scratch`` uses one rate for all). The probe trains the
-    head for `probe_epochs` at `probe_lr` on cached features, which takes seconds; ``lr`` does
-    not apply to it. `batchnorm` is one of `BATCHNORM`. Any other keyword argument goes to `d2lft.fit` (``loss_fn``, ``best``,
-    ``early_stopping``, ``checkpoint``, ``resume``, ``callbacks`` ...).
+    training all layers (default 3). `lr` is the backbone's learning rate (default 5e-4; 1e-4 for
+    lp-ft, whose head is already trained); the head gets ``lr * head_lr_mult`` (default 10 for
+    ``finetune``, 1 for ``lp-ft`` and ``scratch``). The probe trains the head for `probe_epochs`
+    at `probe_lr` on cached features, which takes seconds; ``lr`` does not apply to it.
+    `batchnorm` is one of `BATCHNORM`. Any other keyword argument goes to `d2lft.fit` (``loss_fn``,
+    ``best``, ``early_stopping``, ``checkpoint``, ``resume``, ``callbacks`` ...).
+
+    Whatever is chosen (the best epoch by fit's `best`, the phase lp-ft keeps) is chosen on
+    ``data.val``; to report on images nothing was chosen on, pass ``data.holdout(0.2)`` and
+    evaluate on the original ``data.val`` afterwards.
 
     Example::
 
@@ -97,8 +104,10 @@ def fine_tune(
     if strategy == "probe" and lr is not None:
         raise ConfigError(f"fine_tune: lr={lr!r} is the backbone's learning rate, and strategy='probe' trains only "
                           "the head: set probe_lr instead")
-    lr = _check_rate("lr", 5e-4 if lr is None else lr)
+    lr = _check_rate("lr", (1e-4 if strategy == "lp-ft" else 5e-4) if lr is None else lr)
     probe_lr = _check_rate("probe_lr", probe_lr)
+    if head_lr_mult is None:
+        head_lr_mult = 10.0 if strategy == "finetune" else 1.0
     head_lr_mult = _check_rate("head_lr_mult", head_lr_mult)
     device = resolve_device(device)
     task = "classification" if data.target == "class" else "regression"
@@ -110,20 +119,41 @@ def fine_tune(
     if strategy == "probe" and epochs is not None:
         probe_epochs = epochs
     epochs = 3 if epochs is None else epochs
-    if scheduler == "warmup_cosine" and epochs < 2:
-        scheduler = "cosine"  # a one-epoch run has no room for a warm-up epoch
     net.to(device)
     if strategy in ("probe", "lp-ft"):
         probed = probe(net, data, epochs=probe_epochs, lr=probe_lr, weight_decay=weight_decay, seed=seed,
-                       device=device, progress=progress)
+                       device=device, progress=progress, best=fit_options.get("best", "val_loss"))
         probed.probe_epochs = len(probed)
+        probed_state = {k: v.detach().cpu().clone() for k, v in net.state_dict().items()}
         unfreeze(net)
         if strategy == "probe" or probed.halted:
+            probed.kept = "probe"
             return probed  # an interrupted or diverged probe does not go on to fine-tune
     if batchnorm == "frozen":
         freeze_batchnorm(net.backbone)
-    mult = 1.0 if strategy == "scratch" else head_lr_mult
-    groups = param_groups(net, lr=lr, head_lr_mult=mult, weight_decay=weight_decay)
-    history = fit(net, data.train, data.val, epochs=epochs, optimizer=make_optimizer(groups, optimizer),
-                  scheduler=scheduler, task=task, device=device, progress=progress, seed=seed, **fit_options)
-    return _concat(probed, history) if strategy == "lp-ft" else history
+    groups = param_groups(net, lr=lr, head_lr_mult=head_lr_mult, weight_decay=weight_decay)
+    opt = make_optimizer(groups, optimizer)
+    if scheduler == "warmup_cosine":  # a short warm-up: half an epoch, or a fifth of a short run
+        scheduler = make_scheduler(opt, "warmup_cosine", epochs=epochs, steps_per_epoch=len(data.train),
+                                   warmup_epochs=min(0.5, epochs / 5))
+    history = fit(net, data.train, data.val, epochs=epochs, optimizer=opt, scheduler=scheduler, task=task,
+                  device=device, progress=progress, seed=seed, **fit_options)
+    if strategy != "lp-ft":
+        history.kept = strategy
+        return history
+    joined = _concat(probed, history)
+    if _better(probed, history, fit_options.get("best", "val_loss")):
+        net.load_state_dict(probed_state)  # the fine-tuning phase validated worse: hand back the probe
+        joined.kept, joined.best_epoch, joined.best_value = "probe", probed.best_epoch, probed.best_value
+    else:
+        joined.kept = "finetune"
+    return joined
+
+
+def _better(first: History, second: History, monitor: str | None) -> bool:
+    """True when `first`'s best epoch validated strictly better than `second`'s (by `monitor`)."""
+    if monitor is None or first.best_value is None:
+        return False
+    if second.best_value is None or not math.isfinite(second.best_value):
+        return True
+    return first.best_value > second.best_value if monitor == "val_acc" else first.best_value < second.best_value

@@ -78,6 +78,7 @@ class History:
     stop_reason: str | None = None
     stop_message: str | None = None
     probe_epochs: int = 0  # the first epochs trained only a head on cached features (probe, lp-ft)
+    kept: str | None = None  # which phase fine_tune handed back: "probe", "finetune" (lp-ft), or the strategy
 
     def __len__(self) -> int:
         return len(self.epoch)

@@ -111,3 +111,36 @@ def test_fit_options_pass_through_and_settings_that_do_nothing_are_refused(tiny_
         fine_tune(net, data, strategy="finetune", lr=float("nan"), **QUIET)
     with pytest.raises(ValueError, match="task= is fine_tune's own option"):
         fine_tune(net, data, strategy="finetune", task="regression", **QUIET)
+
+
+@pytest.mark.parametrize("lr", [1e-4, 3.0])
+def test_lp_ft_never_ends_below_its_own_probe(tiny_folder, lr):
+    from d2lft.train import evaluate
+
+    net, data = lite0_and_data(tiny_folder)
+    history = fine_tune(net, data, strategy="lp-ft", epochs=2, probe_epochs=5, lr=lr, **QUIET)
+    probe_best = min(history.val_loss[:history.probe_epochs])
+    final = evaluate(net, data.val)["loss"]
+    assert final <= probe_best + 1e-5, (history.kept, final, probe_best)
+    assert history.kept in ("probe", "finetune") and history.probe_epochs == 5
+    if lr == 3.0:  # an absurd rate wrecks the fine-tuning phase: the probed model comes back
+        assert history.kept == "probe" and final == pytest.approx(probe_best, abs=1e-5)
+
+
+def test_lp_ft_starts_from_the_probed_head_without_a_head_multiplier(tiny_folder, monkeypatch):
+    seen = {}
+    real_fit = recipes.fit
+
+    def spy(net, train, val, *, optimizer, **kwargs):
+        seen["lrs"] = {g["name"]: g["lr"] for g in optimizer.param_groups}
+        seen["head"] = net.head.weight.detach().clone()
+        return real_fit(net, train, val, optimizer=optimizer, **kwargs)
+
+    monkeypatch.setattr(recipes, "fit", spy)
+    net, data = lite0_and_data(tiny_folder)
+    fresh_head = net.head.weight.detach().clone()
+    fine_tune(net, data, strategy="lp-ft", epochs=1, probe_epochs=3, **QUIET)
+    assert not torch.equal(seen["head"], fresh_head)  # the probed head, not a random one
+    # one small learning rate for every group (the schedule's warm-up scales them alike)
+    lrs = seen["lrs"]
+    assert lrs["head"] == pytest.approx(lrs["backbone"])
