@@ -60,8 +60,9 @@ def run_finetune(
 ) -> dict:
     """What ``d2lft finetune DATA_DIR`` does: load the folder, fine-tune, and report the figures.
 
-    Returns a JSON-ready dict: val_acc, best_val_acc, epochs, train_seconds, images_per_second,
-    skipped, model, strategy (and the settings used).
+    Returns a JSON-ready dict: val_acc (of the model handed back, on val/), selected_on, kept,
+    best_val_acc, epochs, probe_epochs, train_seconds, images_per_second, skipped, model, strategy
+    (and the settings used).
     """
     from d2lft.checkpoint import save_checkpoint
     from d2lft.data import image_folders
@@ -77,8 +78,14 @@ def run_finetune(
     data = image_folders(data_dir, net, image_size=image_size, batch_size=batch_size, seed=seed,
                          val_split=val_split, progress=progress and is_main_process())
     replace_head(net, len(data.classes))
-    history = fine_tune(net, data, strategy=strategy, epochs=epochs, lr=lr, device=device, progress=progress,
-                        seed=seed)
+    # What the run chooses (the best epoch, lp-ft's phase) it chooses on a hold-out carved from train/,
+    # so the val/ figure it reports chose nothing; a probe's 30 epochs on cached features, or too few
+    # images to carve, choose on val/ and the report says so.
+    per_class = min(sum(1 for _, t in data.train_dataset.samples if t == c) for c in range(len(data.classes)))
+    select = data.holdout(HOLDOUT, seed=seed) if strategy != "probe" and per_class >= 10 else None
+    history = fine_tune(net, select or data, strategy=strategy, epochs=epochs, lr=lr, device=device,
+                        progress=progress, seed=seed)
+    final = _val_acc(net, data, history, select, device)
     seconds = time.perf_counter() - start
     if checkpoint is not None:
         with _shielded():
@@ -87,10 +94,13 @@ def run_finetune(
                                    "preprocessing": dataclasses.asdict(data.preprocessing)})
     tuned = len(history) - history.probe_epochs  # epochs that ran images through the whole network
     tuned_seconds = sum(history.seconds[history.probe_epochs:])
-    finished = [a for a in history.val_acc if a is not None and math.isfinite(a)]
     return {
-        "val_acc": finished[-1] if finished else None,  # None: stopped before the first epoch ended
-        "best_val_acc": max(finished) if finished else None,
+        "val_acc": final,  # of the model handed back; None: stopped before the first epoch ended
+        # the best accuracy any epoch measured on what the run chose on (val/, or the hold-out)
+        "best_val_acc": max((a for a in history.val_acc if a is not None and math.isfinite(a)), default=None),
+        "selected_on": (f"a hold-out of {HOLDOUT:.0%} of train/" if select is not None
+                        else "val/ (the reported figure also chose the epoch)"),
+        "kept": history.kept,
         "epochs": tuned,  # of training the backbone too (0 for a probe)
         "probe_epochs": history.probe_epochs,  # of training the head alone, on cached features
         "stop_reason": history.stop_reason,  # None for a run that did all its epochs
@@ -110,9 +120,25 @@ def run_finetune(
         "val_split": val_split,
         "seed": seed,
         "classes": data.classes,
-        "train_images": len(data.train_dataset),
+        "train_images": len(data.train_dataset) - (len(select.val_dataset) if select is not None else 0),
+        "holdout_images": len(select.val_dataset) if select is not None else 0,
         "val_images": len(data.val_dataset),
     }
+
+
+HOLDOUT = 0.2  # of each class of train/, to choose on
+
+
+def _val_acc(net, data, history, select, device) -> float | None:
+    """Validation accuracy of the model handed back (the best epoch's or the kept phase's, not the last)."""
+    from d2lft.train import evaluate
+
+    if select is not None:
+        return evaluate(net, data.val, device=device)["acc"] if len(history) else None
+    if history.best_epoch is not None and history.val_acc[history.best_epoch - 1] is not None:
+        return history.val_acc[history.best_epoch - 1]
+    finished = [a for a in history.val_acc if a is not None and math.isfinite(a)]
+    return finished[-1] if finished else None
 
 
 @contextmanager
@@ -264,8 +290,9 @@ def _finetune(args: argparse.Namespace) -> int:
         speed = f", {report['images_per_second']:.1f} images/s" if report["images_per_second"] else ""
         phases = " + ".join(f"{n} {what}" for n, what in ((report["probe_epochs"], "probe epochs on cached features"),
                                                           (report["epochs"], "epochs of the whole network")) if n)
-        print(f"val_acc {report['val_acc']:.3f} (best {report['best_val_acc']:.3f}) after {phases}, "
-              f"{report['train_seconds']:.1f} s{speed}")
+        kept = f", kept the {report['kept']} phase" if report["strategy"] == "lp-ft" else ""
+        print(f"val_acc {report['val_acc']:.3f} after {phases}{kept}, {report['train_seconds']:.1f} s{speed}; "
+              f"chosen on {report['selected_on']}")
     if report["skipped"]:
         print(f"skipped {len(report['skipped'])} file(s), unreadable or not an image type: " + ", ".join(report["skipped"]))
     if args.json:

@@ -153,3 +153,18 @@ def test_predict_with_your_checkpoint_and_export_agree(tiny_folder, tmp_path, ca
     assert main(["export", str(ckpt), "--out", str(exported)]) == 0
     x = net.transforms()(torch.zeros(3, 40, 40, dtype=torch.uint8)).unsqueeze(0)
     assert torch.allclose(torch.export.load(exported).module()(x), net(x), atol=1e-5)
+
+
+def test_what_a_run_chooses_it_chooses_on_a_holdout_and_says_so(tmp_path):
+    from conftest import make_image_folder
+
+    root = make_image_folder(tmp_path / "ten", per_class=10)  # 10 per class: enough to carve 2
+    out = tmp_path / "out.json"
+    assert main(["finetune", str(root), "--strategy", "lp-ft", "--epochs", "1", "--image-size", "32",
+                 "--batch-size", "4", "--json", str(out)]) == 0
+    report = json.loads(out.read_text())
+    assert report["selected_on"] == "a hold-out of 20% of train/" and report["holdout_images"] == 4
+    assert report["train_images"] == 16 and report["val_images"] == 20 and report["kept"] in ("probe", "finetune")
+    out2 = tmp_path / "probe.json"
+    assert main(["finetune", str(root), "--image-size", "32", "--batch-size", "4", "--json", str(out2)]) == 0
+    assert json.loads(out2.read_text())["selected_on"].startswith("val/ (the reported figure also chose")
