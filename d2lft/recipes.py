@@ -31,7 +31,10 @@ __all__ = ["fine_tune", "STRATEGIES", "BATCHNORM"]
 
 STRATEGIES = ("finetune", "probe", "lp-ft", "scratch")
 #: "update": BatchNorm layers train and their statistics follow the new images; "frozen": they keep
-#: ImageNet's statistics and weights (`d2lft.freeze_batchnorm`).
+#: ImageNet's statistics and weights (`d2lft.freeze_batchnorm`). lp-ft freezes them by default:
+#: measured on this 2-core CPU (Lite0, hold-out carved from train/, val/ reported once), EuroSAT
+#: lp-ft at 64 px ended at 0.936 (seeds 0, 1: 0.930, 0.942) with frozen BatchNorm against 0.844
+#: (seed 0) with updated statistics; ants/bees lp-ft at 224 px 0.941 against 0.935 (seed 0).
 BATCHNORM = ("update", "frozen")
 #: The one `fit` option `fine_tune` derives (from the data) rather than takes; the others pass through.
 _OWN = {"task"}
@@ -70,7 +73,7 @@ def fine_tune(
     scheduler: str | None = "warmup_cosine",
     probe_epochs: int = PROBE_EPOCHS,
     probe_lr: float = PROBE_LR,
-    batchnorm: str = "update",
+    batchnorm: str | None = None,
     device: str | torch.device | None = None,
     progress: bool = True,
     seed: int = 0,
@@ -83,7 +86,8 @@ def fine_tune(
     lp-ft, whose head is already trained); the head gets ``lr * head_lr_mult`` (default 10 for
     ``finetune``, 1 for ``lp-ft`` and ``scratch``). The probe trains the head for `probe_epochs`
     at `probe_lr` on cached features, which takes seconds; ``lr`` does not apply to it.
-    `batchnorm` is one of `BATCHNORM`. Any other keyword argument goes to `d2lft.fit` (``loss_fn``,
+    `batchnorm` is one of `BATCHNORM` (default "frozen" for lp-ft, "update" otherwise). Any other
+    keyword argument goes to `d2lft.fit` (``loss_fn``,
     ``best``, ``early_stopping``, ``checkpoint``, ``resume``, ``callbacks`` ...).
 
     Whatever is chosen (the best epoch by fit's `best`, the phase lp-ft keeps) is chosen on
@@ -96,6 +100,8 @@ def fine_tune(
     """
     if strategy not in STRATEGIES:
         raise ConfigError(f"fine_tune: strategy={strategy!r}; expected one of {STRATEGIES}")
+    if batchnorm is None:
+        batchnorm = "frozen" if strategy == "lp-ft" else "update"
     if batchnorm not in BATCHNORM:
         raise ConfigError(f"fine_tune: batchnorm={batchnorm!r}; expected one of {BATCHNORM}")
     clash = sorted(_OWN & set(fit_options))
