@@ -144,3 +144,20 @@ def test_lp_ft_starts_from_the_probed_head_without_a_head_multiplier(tiny_folder
     # one small learning rate for every group (the schedule's warm-up scales them alike)
     lrs = seen["lrs"]
     assert lrs["head"] == pytest.approx(lrs["backbone"])
+
+
+def test_lp_ft_keeps_the_pretrained_batchnorm_statistics_unless_asked(tiny_folder):
+    from torch import nn as tnn
+
+    def stats(net):
+        return [m.running_mean.clone() for m in net.modules() if isinstance(m, tnn.BatchNorm2d)]
+
+    net, data = lite0_and_data(tiny_folder)
+    before = stats(net)
+    fine_tune(net, data, strategy="lp-ft", epochs=1, probe_epochs=2, lr=1e-3, **QUIET)
+    assert all(torch.equal(a, b) for a, b in zip(before, stats(net)))
+    net, data = lite0_and_data(tiny_folder)
+    fine_tune(net, data, strategy="finetune", epochs=1, **QUIET)  # updates them, as it always did
+    assert not all(torch.equal(a, b) for a, b in zip(before, stats(net)))
+    with pytest.raises(ValueError, match="batchnorm='keep'"):
+        fine_tune(net, data, strategy="lp-ft", batchnorm="keep", **QUIET)
