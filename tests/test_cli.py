@@ -168,3 +168,40 @@ def test_what_a_run_chooses_it_chooses_on_a_holdout_and_says_so(tmp_path):
     out2 = tmp_path / "probe.json"
     assert main(["finetune", str(root), "--image-size", "32", "--batch-size", "4", "--json", str(out2)]) == 0
     assert json.loads(out2.read_text())["selected_on"].startswith("val/ (the reported figure also chose")
+
+
+def test_data_folders_that_are_files_or_read_only_are_one_line(tmp_path, monkeypatch, capsys):
+    import os
+
+    a_file = tmp_path / "not-a-folder"
+    a_file.write_text("x")
+    assert main(["data", "download", "hymenoptera", "--root", str(a_file)]) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "cannot create the data folder" in err and str(a_file) in err
+    read_only = tmp_path / "ro"
+    read_only.mkdir()
+    monkeypatch.setattr(os, "access", lambda path, mode: False if str(path) == str(read_only) else True)
+    assert main(["data", "download", "hymenoptera", "--root", str(read_only)]) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and f"the data folder {read_only} is not writable" in err
+    assert not (tmp_path / "data").exists()  # no silent fall-back to another folder
+
+
+def test_crafted_checkpoints_and_hub_files_are_one_line_without_unsafe_advice(tmp_path, monkeypatch, capsys):
+    import torch
+
+    from d2lft.checkpoint import CheckpointError, load_checkpoint
+    from d2lft.models import create_model
+
+    crafted = tmp_path / "crafted.pt"
+    torch.save({"model": ["not", "a", "state", "dict"], "format": "d2lft-checkpoint-v1"}, crafted)
+    with pytest.raises(CheckpointError, match="its weights are not a state dict of tensors"):
+        load_checkpoint(crafted, torch.nn.Linear(2, 2))
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "hub"))
+    cache = tmp_path / "hub" / "hub" / "checkpoints"
+    cache.mkdir(parents=True)
+    (cache / "resnet18-f37072fd.pth").write_bytes(b"\x80\x04 not a zip file, maybe a pickle")
+    assert main(["predict", str(crafted), "--model", "resnet18"]) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "resnet18-f37072fd.pth cannot be read as plain weights" in err
+    assert "weights_only=False" not in err
