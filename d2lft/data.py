@@ -126,11 +126,13 @@ class ImageFolderData:
         """Side of the square images the loaders yield."""
         return self.preprocessing.image_size
 
-    def loader(self, split: str = "train", *, augment: bool = False, batch_size: int | None = None) -> DataLoader:
+    def loader(self, split: str = "train", *, augment: bool = False, batch_size: int | None = None,
+               transform=None) -> DataLoader:
         """A fresh, unshuffled DataLoader over `split`; ``augment=False`` uses the evaluation transform.
 
         Feature caching and evaluation on the training images need the train split *without*
-        augmentation. The dataset is shared (cached images are not copied).
+        augmentation. `transform` reads the same images through another pipeline (chapter 5
+        compares normalisations this way). The dataset is shared (cached images are not copied).
 
         >>> import tempfile
         >>> from d2lft.synthetic import make_shapes
@@ -142,7 +144,8 @@ class ImageFolderData:
         if split not in ("train", "val"):
             raise ConfigError(f"split={split!r}: expected 'train' or 'val'")
         source = self.train_dataset if split == "train" else self.val_dataset
-        transform = source.transform if augment else self.preprocessing.eval_transform()
+        if transform is None:
+            transform = source.transform if augment else self.preprocessing.eval_transform()
         reference = self.train if split == "train" else self.val
         return DataLoader(_with_transform(source, transform), batch_size=batch_size or reference.batch_size,
                           shuffle=False, num_workers=reference.num_workers, pin_memory=reference.pin_memory)

@@ -83,13 +83,15 @@ def feature_loaders(
     *,
     batch_size: int = PROBE_BATCH,
     seed: int = 0,
+    transform=None,
     device: str | torch.device | None = None,
     progress: bool = True,
 ) -> tuple[DataLoader, DataLoader]:
     """DataLoaders over the cached features of `data` (an `ImageFolderData`): train shuffled, val in order.
 
     The training images are read with the evaluation transform (``data.loader("train")``): one
-    random crop frozen into the cache would be worse than none. Shuffling is seeded by `seed`.
+    random crop frozen into the cache would be worse than none; `transform` reads both splits
+    through another pipeline instead. Shuffling is seeded by `seed`.
 
     >>> from d2lft.net import Net, Preprocessing
     >>> from d2lft.data import image_folders
@@ -106,9 +108,10 @@ def feature_loaders(
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise ConfigError(f"feature_loaders: batch_size must be an int >= 1, got {batch_size!r}")
     generator = torch.Generator().manual_seed(seed)
-    train = DataLoader(extract_features(net, data.loader("train"), device=device, progress=progress),
-                       batch_size=batch_size, shuffle=True, generator=generator)
-    val = DataLoader(extract_features(net, data.val, device=device, progress=progress), batch_size=256)
+    train = DataLoader(extract_features(net, data.loader("train", transform=transform), device=device,
+                                        progress=progress), batch_size=batch_size, shuffle=True, generator=generator)
+    val_images = data.val if transform is None else data.loader("val", transform=transform)
+    val = DataLoader(extract_features(net, val_images, device=device, progress=progress), batch_size=256)
     return train, val
 
 
