@@ -53,15 +53,19 @@ course_settings = settings
 
 
 def model_and_data(config: Settings, *, root: Path | None = None, name: str = "efficientnet_lite0",
-                   augment: str = "crop+flip"):
+                   augment: str = "crop+flip", seed: int = 0):
     """The chapter's pretrained model with a new head sized for the data, and the data prepared for it.
 
     `root` defaults to `d2lft.course_dataset()` (the ants-vs-bees photos, or "shapes" offline).
+    The random generators are seeded first (`seed`), so the new head, and every number the
+    chapter computes from it, are the same in every run.
     """
     from d2lft.data import image_folders
     from d2lft.datasets import course_dataset
+    from d2lft.device import set_seed
     from d2lft.models import create_model, replace_head
 
+    set_seed(seed)
     root = root or config.root or course_dataset()
     net = create_model(name)
     data = image_folders(root, net, image_size=config.image_size, batch_size=config.batch_size,

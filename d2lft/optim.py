@@ -287,10 +287,11 @@ def suggest_lr(lrs: list[float], losses: list[float]) -> float:
     """The learning rate where the smoothed loss falls fastest (per decade of lr), before its minimum.
 
     The slope at point ``i`` is measured over a window ``i - h .. i + h`` with ``h = max(1, n // 20)``
-    (``n`` points), and the first ``n // 10`` points are skipped: there the moving average has
-    seen few batches and its noise would look like a steep fall. When fewer than 5 points precede
-    the minimum, the slope is too noisy to trust and the suggestion is the learning rate at the
-    minimum divided by 10.
+    (``n`` points). The first ``n // 10`` points are skipped, for the minimum too (fastai's
+    ``skip_start``): there the moving average has seen a batch or two, and one lucky first batch
+    would look like the lowest loss of the sweep, or its noise like a steep fall. When fewer than 5
+    points precede the minimum, the slope is too noisy to trust and the suggestion is the learning
+    rate at the minimum divided by 10.
 
     >>> lrs = [10.0 ** (e / 4) for e in range(-24, 1)]
     >>> losses = [2 / (1 + math.exp(2 * (math.log10(x) + 3))) + 0.01 * math.log10(x) ** 2 for x in lrs]
@@ -303,11 +304,11 @@ def suggest_lr(lrs: list[float], losses: list[float]) -> float:
     x = np.log10(np.asarray(lrs, dtype=float))
     y = np.asarray(losses, dtype=float)
     n = len(y)
-    lowest = int(np.nanargmin(y))
-    if lowest < 4:
+    start = n // 10
+    lowest = start + int(np.nanargmin(y[start:]))
+    if lowest - start < 4:
         return float(lrs[lowest] / 10)
     h = max(1, n // 20)
-    start = n // 10 if n // 10 < lowest else 0
     best, best_slope = lowest, 0.0
     for i in range(start, lowest + 1):
         lo, hi = max(i - h, 0), min(i + h, n - 1)

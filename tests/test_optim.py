@@ -326,3 +326,14 @@ def test_lr_find_on_another_device_leaves_net_where_it_was():
     assert len(result.lrs) == 20
     assert all(p.device.type == "cpu" for p in net.parameters())
     assert all(torch.equal(before[k], v) for k, v in net.state_dict().items())
+
+
+def test_a_lucky_first_batch_does_not_decide_the_suggestion():
+    from d2lft.optim import suggest_lr
+
+    lrs = [10.0 ** (-6 + 6 * i / 33) for i in range(34)]
+    # the sweep's shape (flat, falling around 1e-3, diverging), but the first batch happened to score lowest
+    losses = [0.85] * 14 + [0.85 - 0.04 * k for k in range(1, 12)] + [0.5, 0.9, 1.5, 2.5, 4.0, 6.0, 8.0, 9.0, 9.5]
+    losses[0] = 0.3
+    suggestion = suggest_lr(lrs, losses)
+    assert lrs[14] <= suggestion < lrs[24], suggestion  # on the falling part, not lrs[0] / 10 = 1e-7
