@@ -5,17 +5,21 @@ jupyter-cache (``_build/.jupyter_cache``). Whichever runs a chapter first execut
 kernel and stores the executed notebook; the other finds the stored run of the same code and
 reuses it instead of executing the chapter a second time. A failing cell fails the build and the
 test alone (failed runs are never stored), so both guarantees hold with one execution per chapter:
-the HTML shows what ran, and a failing cell or assert fails the tests. Edit a code cell and the
-chapter runs again.
+the HTML shows what ran, and a failing cell or assert fails the tests. Edit a code cell, or any
+file of the d2lft package after the stored run, and the chapter runs again (and replaces the
+stored run, so the next build shows it).
 """
 from __future__ import annotations
 
 import time
+from datetime import timezone
 from pathlib import Path
 
 import pytest
 
-CACHE = Path(__file__).resolve().parent.parent / "_build" / ".jupyter_cache"
+REPO = Path(__file__).resolve().parent.parent
+CACHE = REPO / "_build" / ".jupyter_cache"
+PACKAGE = REPO / "d2lft"
 TIMEOUT = 600  # seconds per cell, as the book build allows
 
 
@@ -45,7 +49,8 @@ class ChapterRun(pytest.Item):
             record = cache.match_cache_notebook(notebook)
         except KeyError:
             record = None
-        if record is not None:  # the build (or an earlier pytest) ran exactly this code: nothing to redo
+        if record is not None and _stored_after_the_package_changed(record):
+            # the build (or an earlier pytest) ran exactly this code on this package: nothing to redo
             seconds = record.data.get("execution_seconds")
             self.add_report_section("call", "chapter", f"reused the stored run ({seconds or 0:.0f} s), ID={record.pk}")
             return
@@ -69,3 +74,12 @@ class ChapterRun(pytest.Item):
 
 class ChapterFailed(Exception):
     """A cell of the chapter raised (an error, or a hidden assert that no longer holds)."""
+
+
+def _stored_after_the_package_changed(record) -> bool:
+    """True when the stored run is newer than every source file of d2lft (jupyter-cache stores UTC)."""
+    created = record.created
+    if created.tzinfo is None:
+        created = created.replace(tzinfo=timezone.utc)
+    newest = max((p.stat().st_mtime for p in PACKAGE.rglob("*.py")), default=0.0)
+    return created.timestamp() >= newest
