@@ -25,6 +25,18 @@ def _one_thread_per_test_process():
     torch.set_num_threads(previous)
 
 
+@pytest.fixture
+def no_network(monkeypatch):
+    """Any download attempt is a bug in these tests: fail loudly instead of touching the internet."""
+    from d2lft import download
+
+    def refuse(url, dest, **kwargs):
+        raise download.DownloadError(f"test: no network for {url}")
+
+    monkeypatch.setattr(download, "download_url", refuse)
+    monkeypatch.delenv("D2LFT_OFFLINE", raising=False)
+
+
 @pytest.fixture(scope="session")
 def hymenoptera_root() -> Path:
     """The ants-vs-bees photos, or a skip that says how to provide them."""

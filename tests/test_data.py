@@ -25,15 +25,7 @@ FAST = dict(image_size=32, batch_size=4, progress=False)
 IMAGENET = Preprocessing()
 
 
-@pytest.fixture(autouse=True)
-def no_network(monkeypatch):
-    """Any download attempt in these tests is a bug: fail loudly instead of touching the internet."""
-
-    def refuse(url, dest, **kwargs):
-        raise download.DownloadError(f"test: no network for {url}")
-
-    monkeypatch.setattr(download, "download_url", refuse)
-    monkeypatch.delenv("D2LFT_OFFLINE", raising=False)
+pytestmark = pytest.mark.usefixtures("no_network")  # conftest: any download attempt fails the test
 
 
 @pytest.fixture
@@ -391,14 +383,6 @@ def test_a_non_utf8_file_name_is_reported_as_printable_json_safe_text(tiny_folde
     text = json.dumps({"skipped": result.skipped}, ensure_ascii=False)
     text.encode("utf-8")  # what writing the JSON (or printing it) does: no UnicodeEncodeError
     assert json.loads(text)["skipped"] == result.skipped
-
-
-def test_a_class_with_only_bad_images_is_an_error(tiny_folder):
-    for path in (tiny_folder / "val" / "b").iterdir():
-        path.write_bytes(b"")
-    message = f"no readable image left in {tiny_folder / 'val' / 'b'}"
-    with pytest.warns(BadImageWarning), pytest.raises(ValueError, match=message):
-        image_folders(tiny_folder, IMAGENET, **FAST)
 
 
 @pytest.mark.parametrize("cache", [True, False])

@@ -17,15 +17,7 @@ from d2lft.synthetic import CLASSES
 REAL_DOWNLOAD_URL = download.download_url
 
 
-@pytest.fixture(autouse=True)
-def no_network(monkeypatch):
-    """Any download attempt in these tests is a bug: fail loudly instead of touching the internet."""
-
-    def refuse(url, dest, **kwargs):
-        raise download.DownloadError(f"test: no network for {url}")
-
-    monkeypatch.setattr(download, "download_url", refuse)
-    monkeypatch.delenv("D2LFT_OFFLINE", raising=False)
+pytestmark = pytest.mark.usefixtures("no_network")  # conftest: any download attempt fails the test
 
 
 def fake_hymenoptera(root: Path) -> Path:
