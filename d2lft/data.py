@@ -159,10 +159,7 @@ class ImageFolderData:
         """
         transform = train_transform(self.preprocessing, augment) if isinstance(augment, str) else augment
         train_dataset = _with_transform(self.train_dataset, transform)
-        train = DataLoader(train_dataset, batch_size=self.train.batch_size, shuffle=True,
-                           generator=torch.Generator().manual_seed(self.train.generator.initial_seed()),
-                           num_workers=self.train.num_workers, pin_memory=self.train.pin_memory,
-                           drop_last=self.train.drop_last)
+        train = self._like(self.train, train_dataset, shuffle=True)
         return dataclasses.replace(self, train=train, train_dataset=train_dataset,
                                    augment=augment if isinstance(augment, str) else "custom")
 
@@ -180,10 +177,7 @@ class ImageFolderData:
             dataset.preprocessing = preprocessing
         return dataclasses.replace(
             self, preprocessing=preprocessing, train_dataset=train, val_dataset=val,
-            train=DataLoader(train, batch_size=self.train.batch_size, shuffle=True,
-                             generator=torch.Generator().manual_seed(self.train.generator.initial_seed()),
-                             num_workers=self.train.num_workers, drop_last=self.train.drop_last),
-            val=DataLoader(val, batch_size=self.val.batch_size, shuffle=False, num_workers=self.val.num_workers),
+            train=self._like(self.train, train, shuffle=True), val=self._like(self.val, val, shuffle=False),
         )
 
     def holdout(self, fraction: float = 0.2, *, seed: int = 0) -> ImageFolderData:
@@ -221,11 +215,16 @@ class ImageFolderData:
         val_dataset = _subset(self.train_dataset, sorted(held), self.preprocessing.eval_transform())
         return dataclasses.replace(
             self, train_dataset=train_dataset, val_dataset=val_dataset,
-            train=_loader(train_dataset, batch_size=self.train.batch_size, shuffle=True,
-                          num_workers=self.train.num_workers, seed=seed),
-            val=_loader(val_dataset, batch_size=self.val.batch_size, shuffle=False,
-                        num_workers=self.val.num_workers, seed=seed),
+            train=self._like(self.train, train_dataset, shuffle=True, seed=seed),
+            val=self._like(self.val, val_dataset, shuffle=False),
         )
+
+    def _like(self, reference: DataLoader, dataset: Dataset, *, shuffle: bool, seed: int | None = None) -> DataLoader:
+        """A loader over `dataset` made as `image_folders` made `reference` (its batch size, workers, seed)."""
+        if seed is None:
+            seed = reference.generator.initial_seed() if reference.generator is not None else 0
+        return _loader(dataset, batch_size=reference.batch_size, shuffle=shuffle,
+                       num_workers=reference.num_workers, seed=seed)
 
     @property
     def num_outputs(self) -> int:
