@@ -131,7 +131,7 @@ class ImageFolderData:
         """A fresh, unshuffled DataLoader over `split`; ``augment=False`` uses the evaluation transform.
 
         Feature caching and evaluation on the training images need the train split *without*
-        augmentation. `transform` reads the same images through another pipeline (chapter 5
+        augmentation. `transform` reads the same images through another pipeline (chapter 6
         compares normalisations this way). The dataset is shared (cached images are not copied).
 
         >>> import tempfile
@@ -153,7 +153,7 @@ class ImageFolderData:
     def with_augment(self, augment: str | v2.Transform) -> ImageFolderData:
         """The same images with another training transform: a preset name or any transform.
 
-        Nothing is copied or decoded again, and this object is left as it was (chapter 5 compares
+        Nothing is copied or decoded again, and this object is left as it was (chapter 6 compares
         pipelines this way). A custom transform must end with the model's normalisation
         (``preprocessing.normalize()``).
         """

@@ -31,7 +31,7 @@ RUN_SECONDS = 300  # the set-up cells import torch and cache the photos: about h
 
 # chapter, the slider to drag (its label) and where to drop it (fraction of the track)
 EXPLORERS = {
-    "augmentation": ("05_augmentation.ipynb", "rotation (deg)", 0.5),
+    "augmentation": ("06_augmentation.ipynb", "rotation (deg)", 0.5),
     "schedule": ("04_learning_rates.ipynb", "warmup epochs", 0.6),
     "freeze": ("03_freezing.ipynb", "train last k blocks", 0.8),
 }
