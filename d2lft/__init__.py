@@ -29,8 +29,8 @@ from d2lft.download import DownloadError
 from d2lft.ensemble import average_predictions
 from d2lft.errors import ConfigError, D2LFTError
 from d2lft.features import extract_features, feature_loaders, probe
-from d2lft.freeze import (GradualUnfreezing, count_parameters, freeze, freeze_batchnorm, set_train_mode, train_last,
-                          trainable_blocks, unfreeze)
+from d2lft.freeze import (GradualUnfreezing, count_parameters, freeze, freeze_batchnorm, set_train_mode, train_blocks,
+                          train_last, trainable_blocks, unfreeze)
 from d2lft.images import BadImageError, is_image_file, load_image
 from d2lft.imbalance import balanced_sampler, class_counts, class_weights, imbalanced_subset
 from d2lft.inference import classify
@@ -51,9 +51,9 @@ __all__ = [
     # models
     "Net", "Preprocessing", "create_model", "replace_head", "summary", "list_models", "classify",
     # freezing and learning rates
-    "freeze", "unfreeze", "train_last", "freeze_batchnorm", "set_train_mode", "count_parameters", "trainable_blocks",
-    "GradualUnfreezing", "param_groups", "make_optimizer", "make_scheduler", "schedule_curve", "lr_find",
-    "LRFindResult",
+    "freeze", "unfreeze", "train_last", "train_blocks", "freeze_batchnorm", "set_train_mode", "count_parameters",
+    "trainable_blocks", "GradualUnfreezing", "param_groups", "make_optimizer", "make_scheduler", "schedule_curve",
+    "lr_find", "LRFindResult",
     # training and evaluation
     "fit", "History", "EarlyStopping", "evaluate", "predict", "save_checkpoint", "load_checkpoint", "get_device",
     "set_seed", "extract_features", "feature_loaders", "probe",

@@ -27,6 +27,7 @@ __all__ = [
     "freeze",
     "unfreeze",
     "train_last",
+    "train_blocks",
     "count_parameters",
     "set_train_mode",
     "freeze_batchnorm",
@@ -111,6 +112,39 @@ def train_last(net: Net, k: int) -> None:
         return
     freeze(net.backbone)
     for _, block in blocks[len(blocks) - k :]:
+        unfreeze(block)
+    unfreeze(net.head)
+
+
+def train_blocks(net: Net, start: int, stop: int | None = None) -> None:
+    """Train only the blocks ``net.blocks()[start:stop]`` and the head; freeze the rest of the backbone.
+
+    *Surgical* fine-tuning (Lee et al., 2022) trains one slice of the network: the first blocks,
+    the middle ones or the last ones. `start` and `stop` count blocks from the input, as in a
+    Python slice (``stop=None``: to the last block; negative values count from the end), so
+    ``train_blocks(net, len(net.blocks()) - k)`` trains the same blocks as ``train_last(net, k)``.
+
+    >>> backbone = nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 4), nn.Linear(4, 4))
+    >>> net = Net(backbone, nn.Linear(4, 2), blocks=["0", "1", "2"], num_features=4, name="toy")
+    >>> train_blocks(net, 0, 1)
+    >>> trainable_blocks(net)
+    ['backbone.0', 'head']
+    >>> train_blocks(net, 1)
+    >>> trainable_blocks(net)
+    ['backbone.1', 'backbone.2', 'head']
+    """
+    blocks = net.blocks()
+    for name, value in (("start", start), ("stop", stop)):
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int)):
+            raise ConfigError(f"train_blocks: {name} must be an int (a block index, as in a slice), got {value!r}")
+    chosen = blocks[start:stop]
+    if not chosen:
+        raise ConfigError(
+            f"train_blocks: blocks[{start}:{stop}] selects no block of {net.name!r}, which has {len(blocks)} "
+            f"(0 to {len(blocks) - 1}); use train_last(net, 0) to train the head only"
+        )
+    freeze(net.backbone)
+    for _, block in chosen:
         unfreeze(block)
     unfreeze(net.head)
 

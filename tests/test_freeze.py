@@ -10,6 +10,7 @@ from d2lft.freeze import (
     count_parameters,
     freeze,
     set_train_mode,
+    train_blocks,
     train_last,
     trainable_blocks,
     unfreeze,
@@ -78,6 +79,41 @@ def test_train_last(k, expected):
 def test_train_last_rejects_bad_k(k):
     with pytest.raises(ValueError, match="k must be an int from 0"):
         train_last(tiny_net(), k)
+
+
+@pytest.mark.parametrize(
+    "start, stop, expected",
+    [(0, 1, ["backbone.stem", "head"]), (1, 2, ["backbone.stage1", "head"]), (1, None, BLOCKS[1:] + ["head"]),
+     (-1, None, ["backbone.stage2", "head"]), (0, 3, BLOCKS + ["head"])],
+)
+def test_train_blocks_trains_one_slice_and_the_head(start, stop, expected):
+    net = tiny_net()
+    train_blocks(net, start, stop)
+    assert trainable_blocks(net) == expected
+    for name in BLOCKS:
+        flags = {p.requires_grad for p in net.get_submodule(name).parameters()}
+        assert flags == {name in expected}, name
+    optimizer = torch.optim.SGD(param_groups(net, lr=0.1), lr=0.1)
+    before = {name: [p.clone() for p in net.get_submodule(name).parameters()] for name in BLOCKS}
+    set_train_mode(net)
+    nn.functional.cross_entropy(net(torch.randn(4, 3, 8, 8)), torch.tensor([0, 1, 2, 0])).backward()
+    optimizer.step()
+    for name in BLOCKS:  # a surgical step changes the chosen blocks and nothing else
+        changed = any(not torch.equal(a, b) for a, b in zip(before[name], net.get_submodule(name).parameters()))
+        assert changed == (name in expected), name
+
+
+def test_train_blocks_matches_train_last():
+    a, b = tiny_net(), tiny_net()
+    train_blocks(a, 1)
+    train_last(b, 2)
+    assert [p.requires_grad for p in a.parameters()] == [p.requires_grad for p in b.parameters()]
+
+
+@pytest.mark.parametrize("start, stop", [(3, None), (2, 1), (1.0, 2), (0, True)])
+def test_train_blocks_rejects_an_empty_or_odd_slice(start, stop):
+    with pytest.raises(ValueError, match="train_blocks"):
+        train_blocks(tiny_net(), start, stop)
 
 
 def bn_state(bn: nn.BatchNorm2d) -> list[torch.Tensor]:
