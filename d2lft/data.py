@@ -198,16 +198,11 @@ class ImageFolderData:
         """
         if not 0 < fraction < 1:
             raise ConfigError(f"holdout: fraction={fraction!r}; expected a fraction between 0 and 1 (e.g. 0.2)")
-        by_class: dict[object, list[int]] = {}
-        for i, (_, t) in enumerate(self.train_dataset.samples):
-            by_class.setdefault(t if self.target == "class" else 0, []).append(i)
-        generator = torch.Generator().manual_seed(seed)
         kept, held = [], []
-        for key, items in by_class.items():
+        for key, items, order in self._shuffled_classes(seed):
             if len(items) < 2:
                 name = self.classes[key] if self.target == "class" else "the data"
                 raise ConfigError(f"holdout: class {name!r} has {len(items)} training image; a hold-out needs 2 or more")
-            order = torch.randperm(len(items), generator=generator).tolist()
             n = min(len(items) - 1, max(1, round(fraction * len(items))))
             held += [items[i] for i in sorted(order[:n])]
             kept += [items[i] for i in sorted(order[n:])]
@@ -218,6 +213,41 @@ class ImageFolderData:
             train=self._like(self.train, train_dataset, shuffle=True, seed=seed),
             val=self._like(self.val, val_dataset, shuffle=False),
         )
+
+    def subsample(self, per_class: int, *, seed: int = 0) -> ImageFolderData:
+        """The same data with `per_class` training images of each class, picked at random (seeded).
+
+        For learning curves: the same task with less data. A class with fewer images keeps them
+        all; ``val/`` is left as it is, and cached images are shared, not copied. For one `seed`
+        the subsamples are nested: the 10 images per class include the 5 of ``subsample(5)``, so
+        a curve shows what more images add, not other images. (A regression target has one
+        "class": `per_class` images in all.)
+
+        >>> import tempfile
+        >>> from d2lft.synthetic import make_shapes
+        >>> data = image_folders(make_shapes(tempfile.mkdtemp(), train_per_class=5, val_per_class=1),
+        ...                      Preprocessing(image_size=16), progress=False)
+        >>> small = data.subsample(2, seed=0)
+        >>> len(small.train_dataset), len(small.val_dataset)
+        (10, 5)
+        >>> {p for p, _ in small.train_dataset.samples} < {p for p, _ in data.subsample(3).train_dataset.samples}
+        True
+        """
+        if isinstance(per_class, bool) or not isinstance(per_class, int) or per_class < 1:
+            raise ConfigError(f"subsample: per_class={per_class!r}; expected an int >= 1 (images per class)")
+        kept = sorted(items[j] for _, items, order in self._shuffled_classes(seed) for j in order[:per_class])
+        train_dataset = _subset(self.train_dataset, kept, self.train_dataset.transform)
+        return dataclasses.replace(self, train_dataset=train_dataset,
+                                   train=self._like(self.train, train_dataset, shuffle=True))
+
+    def _shuffled_classes(self, seed: int) -> list[tuple[object, list[int], list[int]]]:
+        """(class, indices of its training images, a seeded random order of them) for each class."""
+        by_class: dict[object, list[int]] = {}
+        for i, (_, t) in enumerate(self.train_dataset.samples):
+            by_class.setdefault(t if self.target == "class" else 0, []).append(i)
+        generator = torch.Generator().manual_seed(seed)
+        return [(key, items, torch.randperm(len(items), generator=generator).tolist())
+                for key, items in by_class.items()]
 
     def _like(self, reference: DataLoader, dataset: Dataset, *, shuffle: bool, seed: int | None = None) -> DataLoader:
         """A loader over `dataset` made as `image_folders` made `reference` (its batch size, workers, seed)."""

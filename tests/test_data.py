@@ -402,6 +402,28 @@ def test_holdout_carves_train_per_class_and_leaves_val_alone(shapes_root, cache)
         inner.holdout(0.5).holdout(0.5)
 
 
+@pytest.mark.parametrize("cache", [True, False])
+def test_subsample_keeps_per_class_images_nested_and_leaves_val_alone(tmp_path, cache):
+    root = make_shapes(tmp_path / "data", train_per_class=6, val_per_class=2, image_size=40)
+    data = image_folders(root, IMAGENET, cache=cache, **FAST)
+    small = data.subsample(2, seed=1)
+    counts = [sum(1 for _, t in small.train_dataset.samples if t == c) for c in range(len(data.classes))]
+    assert counts == [2] * len(data.classes) and len(small.train.dataset) == len(small.train_dataset)
+    assert small.val_dataset is data.val_dataset and len(data.train_dataset) == 6 * len(data.classes)
+    paths = {p for p, _ in small.train_dataset.samples}
+    assert paths < {p for p, _ in data.subsample(4, seed=1).train_dataset.samples}  # nested for one seed
+    assert paths == {p for p, _ in data.subsample(2, seed=1).train_dataset.samples}
+    assert paths != {p for p, _ in data.subsample(2, seed=2).train_dataset.samples}
+    assert len(data.subsample(100).train_dataset) == len(data.train_dataset)  # a small class keeps all it has
+    images, _ = next(iter(small.train))
+    assert images.shape == (4, 3, 32, 32)
+    inner = small.holdout(0.5, seed=0)  # composes: 1 to train, 1 to choose on, per class
+    assert len(inner.train_dataset) == len(inner.val_dataset) == len(data.classes)
+    for bad in (0, 2.0, True):
+        with pytest.raises(ValueError, match="per_class"):
+            data.subsample(bad)
+
+
 def test_resized_shares_the_cache_and_prepares_the_new_size(shapes_root):
     data = image_folders(shapes_root, IMAGENET, **FAST)
     small = data.resized(16)
