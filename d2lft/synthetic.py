@@ -7,6 +7,11 @@ ImageNet-pretrained backbone, which already knows edges, corners and textures, d
 course's point in miniature. Each split also has a ``targets.csv`` with the object's size, a
 continuous target for the regression examples.
 
+``make_shapes(root, shifted=True)`` writes the same scenes as another sensor would record them
+(``root/shapes_shifted``): false colours, an edge channel, low resolution and strong noise. The
+labels and the layout are the same; the pixels are far from any photo, which makes it the
+offline stand-in for a domain far from ImageNet (satellite tiles, in chapter 5).
+
 Layout (an ordinary ImageFolder tree)::
 
     root/shapes/train/<class>/000.png ...   root/shapes/train/targets.csv
@@ -28,10 +33,11 @@ from PIL import Image, ImageDraw, ImageFilter
 
 from d2lft.errors import ConfigError
 
-__all__ = ["CLASSES", "FOLDER", "TARGET_NAME", "make_shapes"]
+__all__ = ["CLASSES", "FOLDER", "SHIFTED_FOLDER", "TARGET_NAME", "make_shapes"]
 
 CLASSES = ("circle", "cross", "square", "star", "triangle")
 FOLDER = "shapes"
+SHIFTED_FOLDER = "shapes_shifted"  # the same scenes through another sensor (shifted=True)
 TARGET_NAME = "size"  # column of targets.csv: the object's diameter as a fraction of the image side
 MANIFEST = "manifest.json"
 _VERSION = 1  # bump when the drawing changes, so old caches are regenerated
@@ -45,19 +51,24 @@ def make_shapes(
     image_size: int = 96,
     train_per_class: int = 24,
     val_per_class: int = 20,
+    shifted: bool = False,
     force: bool = False,
 ) -> Path:
     """Generate (or reuse) the "shapes" ImageFolder tree under ``root/shapes`` and return its path.
 
     The same arguments always give the same bytes. A finished tree is reused; one left
-    half-written (no manifest) or made with other arguments is generated again.
+    half-written (no manifest) or made with other arguments is generated again. With
+    ``shifted=True`` the same scenes are recorded through another sensor (false colours, an edge
+    channel, low resolution, strong noise) into ``root/shapes_shifted``: a domain shift with the
+    labels unchanged.
 
     Example:
         >>> import tempfile
         >>> with tempfile.TemporaryDirectory() as tmp:
         ...     path = make_shapes(tmp, train_per_class=2, val_per_class=1, image_size=32)
-        ...     sorted(p.name for p in (path / "train").iterdir())
-        ['circle', 'cross', 'square', 'star', 'targets.csv', 'triangle']
+        ...     shifted = make_shapes(tmp, train_per_class=2, val_per_class=1, image_size=32, shifted=True)
+        ...     sorted(p.name for p in (path / "train").iterdir()), shifted.name
+        (['circle', 'cross', 'square', 'star', 'targets.csv', 'triangle'], 'shapes_shifted')
     """
     for name, value in (("train_per_class", train_per_class), ("val_per_class", val_per_class)):
         if value < 1:
@@ -65,7 +76,7 @@ def make_shapes(
     if image_size < 16:
         raise ConfigError(f"make_shapes: image_size must be at least 16 pixels, got {image_size}")
     root = Path(root).expanduser()
-    folder = root / FOLDER
+    folder = root / (SHIFTED_FOLDER if shifted else FOLDER)
     settings = {
         "version": _VERSION,
         "seed": seed,
@@ -74,6 +85,8 @@ def make_shapes(
         "val_per_class": val_per_class,
         "classes": list(CLASSES),
     }
+    if shifted:  # only then: a "shapes" tree made before this option existed is still reused
+        settings["shifted"] = True
     if not force and _read_manifest(folder) == settings:
         return folder
     if folder.exists() and not _looks_generated(folder):
@@ -86,7 +99,7 @@ def make_shapes(
     staging = Path(tempfile.mkdtemp(prefix=".shapes-", dir=root))
     try:
         for split_index, (split, per_class) in enumerate((("train", train_per_class), ("val", val_per_class))):
-            _write_split(staging / split, split_index, per_class, seed=seed, image_size=image_size)
+            _write_split(staging / split, split_index, per_class, seed=seed, image_size=image_size, shifted=shifted)
         (staging / MANIFEST).write_text(json.dumps(settings, indent=1) + "\n")  # last: marks completion
         # Under torchrun every process may generate at once: the first to finish wins, and the
         # others keep its tree (same arguments, same bytes) instead of replacing it under its readers.
@@ -120,7 +133,8 @@ def _looks_generated(folder: Path) -> bool:
     return all(p.suffix in {".png", ".csv", ".json"} for p in folder.rglob("*") if p.is_file())
 
 
-def _write_split(folder: Path, split_index: int, per_class: int, *, seed: int, image_size: int) -> None:
+def _write_split(folder: Path, split_index: int, per_class: int, *, seed: int, image_size: int,
+                 shifted: bool = False) -> None:
     rows = []
     for class_index, name in enumerate(CLASSES):
         (folder / name).mkdir(parents=True)
@@ -128,6 +142,8 @@ def _write_split(folder: Path, split_index: int, per_class: int, *, seed: int, i
             # One independent stream per picture: a picture does not depend on how many come before it.
             rng = np.random.default_rng([seed, split_index, class_index, i])
             image, size = _draw(rng, name, image_size)
+            if shifted:
+                image = _through_another_sensor(rng, image)
             relative = f"{name}/{i:03d}.png"
             image.save(folder / relative, optimize=False)
             rows.append((relative, name, f"{size:.4f}"))
@@ -225,3 +241,16 @@ def _draw(rng: np.random.Generator, name: str, size: int) -> tuple[Image.Image, 
     noise = rng.normal(0, rng.uniform(1, 5), size=(size, size, 3))
     pixels = np.clip(np.asarray(image, dtype=np.float32) + noise, 0, 255).astype(np.uint8)
     return Image.fromarray(pixels), diameter
+
+
+def _through_another_sensor(rng: np.random.Generator, image: Image.Image) -> Image.Image:
+    """The same scene in false colours: inverted brightness, an edge channel and a blurred one,
+    recorded at a third of the resolution with strong noise (nothing like an ImageNet photo)."""
+    size = image.size[0]
+    low = image.convert("L").resize((max(8, size // 3),) * 2, Image.BILINEAR).resize((size, size), Image.BILINEAR)
+    grey = np.asarray(low, dtype=np.float32)
+    edges = np.asarray(low.filter(ImageFilter.FIND_EDGES), dtype=np.float32) * 3
+    blurred = np.asarray(low.filter(ImageFilter.GaussianBlur(2)), dtype=np.float32)
+    channels = np.stack([255 - grey, edges, 0.5 * blurred + 60], axis=-1)
+    noisy = channels + rng.normal(0, 18, size=channels.shape)
+    return Image.fromarray(np.clip(noisy, 0, 255).astype(np.uint8))

@@ -4,6 +4,7 @@ from __future__ import annotations
 import csv
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from PIL import Image
@@ -97,13 +98,13 @@ def test_a_tree_another_process_finished_first_is_kept(tmp_path, monkeypatch):
     real_write = synthetic._write_split
     finished = {}
 
-    def racing_write(folder, split_index, per_class, *, seed, image_size):
+    def racing_write(folder, split_index, per_class, **options):
         if not finished:  # another process generates the same tree while this one is still drawing
             monkeypatch.setattr(synthetic, "_write_split", real_write)
             finished["tree"] = make_shapes(tmp_path, **SMALL)
             finished["inode"] = (finished["tree"] / "train" / "targets.csv").stat().st_ino
             monkeypatch.setattr(synthetic, "_write_split", racing_write)
-        real_write(folder, split_index, per_class, seed=seed, image_size=image_size)
+        real_write(folder, split_index, per_class, **options)
 
     monkeypatch.setattr(synthetic, "_write_split", racing_write)
     folder = make_shapes(tmp_path, **SMALL)
@@ -178,3 +179,16 @@ def test_pretrained_features_solve_shapes_with_few_labels(tmp_path):
     ridge = torch.linalg.solve(f_train.T @ f_train + 100 * eye, f_train.T @ (s_train - s_train.mean()))
     mae = (f_val @ ridge + s_train.mean() - s_val).abs().mean()
     assert mae < 0.75 * (s_val - s_train.mean()).abs().mean(), mae
+
+
+def test_shifted_shapes_are_the_same_scenes_through_another_sensor(tmp_path):
+    plain = make_shapes(tmp_path, **SMALL)
+    shifted = make_shapes(tmp_path, shifted=True, **SMALL)
+    assert shifted == tmp_path / "shapes_shifted" and (plain / "manifest.json").is_file()
+    assert tree_bytes(plain / "train").keys() == tree_bytes(shifted / "train").keys()  # same layout and labels
+    assert (plain / "train" / "targets.csv").read_bytes() == (shifted / "train" / "targets.csv").read_bytes()
+    assert tree_bytes(shifted) == tree_bytes(make_shapes(tmp_path / "again", shifted=True, **SMALL))
+    with Image.open(plain / "train" / "star" / "000.png") as a, Image.open(shifted / "train" / "star" / "000.png") as b:
+        x, y = (torch.from_numpy(np.asarray(image, dtype=np.float32)) for image in (a, b))
+    assert (x - y).abs().mean() > 30  # other pixels, not a copy
+    assert make_shapes(tmp_path, **SMALL) == plain  # the plain tree is still reused
