@@ -21,8 +21,10 @@ from typing import Any
 import torch
 
 from d2lft.device import get_device, keep_freed_memory
+from d2lft.errors import ConfigError
 
-__all__ = ["Settings", "settings", "course_settings", "model_and_data", "glue", "table", "mean_sd"]
+__all__ = ["Settings", "settings", "course_settings", "model_and_data", "shifted_dataset", "glue", "table", "mean_sd",
+           "Difference", "paired_difference"]
 
 
 @dataclass(frozen=True)
@@ -74,6 +76,29 @@ def model_and_data(config: Settings, *, root: Path | None = None, name: str = "e
     return net, data
 
 
+def shifted_dataset(*, root: Path | None = None, verbose: bool = True) -> Path:
+    """Chapter 5's images far from ImageNet: the EuroSAT tiles if found, else the generated "shifted shapes".
+
+    ``eurosat_small`` is looked up under `root` (default: the data directory, ``$D2LFT_DATA_DIR``);
+    it cannot be downloaded. Without it, the "shapes" scenes recorded through another sensor
+    (`d2lft.synthetic.make_shapes` with ``shifted=True``, 64 px) stand in, generated in seconds
+    next to "shapes". Prints one line saying which, as `d2lft.course_dataset` does.
+    """
+    from d2lft.datasets import DatasetNotAvailableError, get_dataset
+    from d2lft.synthetic import make_shapes
+
+    try:
+        path = get_dataset("eurosat_small", root=root)
+        message = f"Using the EuroSAT tiles (eurosat_small) at {path}"
+    except DatasetNotAvailableError as err:
+        path = make_shapes(get_dataset("shapes", root=root).parent, shifted=True, image_size=64)
+        message = (f"EuroSAT tiles unavailable ({err.reason}): using the generated 'shifted shapes' at {path}. "
+                   f"For the tiles, set D2LFT_DATA_DIR to a folder holding eurosat_small/ (the course's shared data).")
+    if verbose:
+        print(message)
+    return path
+
+
 def glue(**values: Any) -> None:
     """myst-nb's ``glue(name, value, display=False)`` for each keyword: the page shows them in the prose."""
     from myst_nb import glue as myst_glue
@@ -103,3 +128,37 @@ def mean_sd(values: Sequence[float]) -> tuple[float, float]:
     """
     values = [float(v) for v in values]
     return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
+
+
+@dataclass(frozen=True)
+class Difference:
+    """How much one setting beats another across seeds, and whether that is larger than the noise."""
+
+    mean: float  # mean over seeds of a[i] - b[i]
+    sd: float  # their sample standard deviation
+    clear: bool  # |mean| larger than sd and than the floor
+
+    def say(self, more: str, less: str, same: str) -> str:
+        """`more` when a is clearly larger, `less` when clearly smaller, `same` when within the noise."""
+        if not self.clear:
+            return same
+        return more if self.mean > 0 else less
+
+
+def paired_difference(a: Sequence[float], b: Sequence[float], *, floor: float = 0.0) -> Difference:
+    """Mean and sd of the per-seed differences ``a[i] - b[i]`` (run i of both used seed i).
+
+    The difference is *clear* when its mean is larger, in size, than both its standard deviation
+    across seeds and `floor` (say, one validation image): with three seeds a rough screen for
+    noise, not a significance test. Chapters glue ``say(...)`` so their prose stays true on any run.
+
+    >>> d = paired_difference([0.90, 0.92, 0.95], [0.85, 0.86, 0.88])
+    >>> round(d.mean, 3), d.clear, d.say("beats", "trails", "ties with")
+    (0.06, True, 'beats')
+    >>> paired_difference([0.90, 0.80, 0.85], [0.85, 0.86, 0.84]).say("beats", "trails", "ties with")
+    'ties with'
+    """
+    if len(a) != len(b) or not a:
+        raise ConfigError(f"paired_difference: expected two equally long, non-empty lists, got {len(a)} and {len(b)}")
+    mean, sd = mean_sd([x - y for x, y in zip(a, b)])
+    return Difference(mean=mean, sd=sd, clear=abs(mean) > max(sd, floor))
