@@ -28,7 +28,7 @@ from d2lft.device import get_device, set_seed
 from d2lft.download import DownloadError
 from d2lft.ensemble import average_predictions
 from d2lft.errors import ConfigError, D2LFTError
-from d2lft.features import extract_features, feature_loaders, probe
+from d2lft.features import domain_shift, extract_features, feature_loaders, probe
 from d2lft.freeze import (GradualUnfreezing, count_parameters, freeze, freeze_batchnorm, set_train_mode, train_blocks,
                           train_last, trainable_blocks, unfreeze)
 from d2lft.images import BadImageError, is_image_file, load_image
@@ -56,7 +56,7 @@ __all__ = [
     "lr_find", "LRFindResult",
     # training and evaluation
     "fit", "History", "EarlyStopping", "evaluate", "predict", "save_checkpoint", "load_checkpoint", "get_device",
-    "set_seed", "extract_features", "feature_loaders", "probe",
+    "set_seed", "extract_features", "feature_loaders", "probe", "domain_shift",
     # recipes
     "fine_tune", "STRATEGIES",
     # metrics, imbalance, ensembles

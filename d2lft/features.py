@@ -27,7 +27,7 @@ from d2lft.errors import ConfigError
 from d2lft.freeze import freeze
 from d2lft.loop import Runner, eval_outputs
 
-__all__ = ["extract_features", "feature_loaders", "probe"]
+__all__ = ["extract_features", "feature_loaders", "probe", "domain_shift"]
 
 #: The probe's settings, measured on the cached features of Lite0 (ants/bees and shapes):
 #: 30 epochs of AdamW at 3e-3 with a cosine schedule, batches of 64.
@@ -132,3 +132,63 @@ def probe(net: nn.Module, data: Any, *, epochs: int = PROBE_EPOCHS, lr: float = 
     fit_options.setdefault("scheduler", "cosine")
     return fit(net.head, train, val, epochs=epochs, lr=lr, weight_decay=weight_decay, device=device,
                progress=False, seed=seed, task=task, **fit_options)
+
+
+@torch.no_grad()
+def domain_shift(net: nn.Module, data: Any, *, images: int = 128, device: str | torch.device | None = None) -> float:
+    """How far `data`'s training images are from the images the backbone was pretrained on.
+
+    Every BatchNorm layer of ``net.backbone`` remembers the mean and variance of its inputs on
+    the pretraining data (its running statistics). We push `images` training images, spread
+    evenly over the (class-sorted) training set, through the backbone in eval mode and return,
+    averaged over the layers, the mean over channels of ``|new mean - running mean| / running
+    std``: 0 for images exactly like the pretraining data. For Lite0 (ImageNet) we measured
+    0.14 at 224 px on ants and bees (ImageNet-like photos), 0.29 on EuroSAT satellite tiles and
+    0.26 on the generated shapes. Cost: one forward pass over `images` images.
+
+    >>> from d2lft.net import Net, Preprocessing
+    >>> from d2lft.data import image_folders
+    >>> from d2lft.synthetic import make_shapes
+    >>> import tempfile
+    >>> data = image_folders(make_shapes(tempfile.mkdtemp(), train_per_class=2, val_per_class=1),
+    ...                      Preprocessing(image_size=16), progress=False)
+    >>> backbone = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.AdaptiveAvgPool2d(1), nn.Flatten())
+    >>> net = Net(backbone, nn.Linear(4, 5), blocks=[], num_features=4, name="tiny")
+    >>> domain_shift(net, data) > 0
+    True
+    """
+    from torch.nn.modules.batchnorm import _BatchNorm
+    from torch.utils.data import Subset
+
+    layers = [m for m in getattr(net, "backbone", net).modules()
+              if isinstance(m, _BatchNorm) and m.track_running_stats and m.running_mean is not None]
+    if not layers:
+        raise ConfigError(f"domain_shift: {type(net).__name__} has no BatchNorm layers with running statistics "
+                          "to compare with")
+    if isinstance(images, bool) or not isinstance(images, int) or images < 1:
+        raise ConfigError(f"domain_shift: images must be an int >= 1, got {images!r}")
+    loader = data.loader("train")
+    n = len(loader.dataset)
+    picked = Subset(loader.dataset, sorted({int(i * n / min(images, n)) for i in range(min(images, n))}))
+    sums: dict[nn.Module, list] = {m: [0.0, 0] for m in layers}
+
+    def record(module, inputs, output):
+        x = inputs[0].float()
+        dims = [d for d in range(x.ndim) if d != 1]
+        sums[module][0] = sums[module][0] + x.sum(dims).cpu()
+        sums[module][1] += x.numel() // x.shape[1]
+
+    hooks = [m.register_forward_hook(record) for m in layers]
+    try:
+        runner = Runner.for_net(net, device)
+        net.to(runner.device)
+        for _ in eval_outputs(net, DataLoader(picked, batch_size=loader.batch_size), runner=runner,
+                              fn=net.forward_features if hasattr(net, "forward_features") else net):
+            pass
+    finally:
+        for h in hooks:
+            h.remove()
+    distances = [((total / count - m.running_mean.float().cpu()).abs()
+                  / (m.running_var.float().cpu() + m.eps).sqrt()).mean().item()
+                 for m, (total, count) in sums.items() if count]
+    return sum(distances) / len(distances)

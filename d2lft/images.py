@@ -352,6 +352,32 @@ def scan_images(
     return [path for _, files in found for path in files], skipped
 
 
+def typical_size(folder: str | os.PathLike[str], *, samples: int = 32) -> int | None:
+    """The median shorter side, in pixels, of up to `samples` images spread over `folder` (None: no readable image).
+
+    Only the files' headers are read. `d2lft finetune` uses it to pick its image size.
+
+    >>> import tempfile
+    >>> with tempfile.TemporaryDirectory() as tmp:
+    ...     for i, size in enumerate([(64, 64), (80, 60), (200, 100)]):
+    ...         Image.new("RGB", size).save(Path(tmp, f"{i}.png"))
+    ...     typical_size(tmp)
+    64
+    """
+    files, _ = scan_images(folder)
+    if not files:
+        return None
+    step = max(1, len(files) // samples)
+    sides = []
+    for path in files[::step][:samples]:
+        try:
+            with Image.open(path) as img:
+                sides.append(min(img.size))
+        except (OSError, ValueError, Image.DecompressionBombError):
+            continue  # image_folders reports unreadable files, once each
+    return sorted(sides)[len(sides) // 2] if sides else None
+
+
 def shared_files(*groups: Iterable[str]) -> list[tuple[str, str]]:
     """Pairs ``(a, b)`` of paths from two different groups that are the same file (links or hard links).
 

@@ -79,6 +79,11 @@ class History:
     stop_message: str | None = None
     probe_epochs: int = 0  # the first epochs trained only a head on cached features (probe, lp-ft)
     kept: str | None = None  # which phase fine_tune handed back: "probe", "finetune" (lp-ft), or the strategy
+    # fine_tune's strategy "auto": the images' distance from the pretraining data (features.domain_shift),
+    # the images its choices were made on, and its decision in words
+    domain_shift: float | None = None
+    selected_on: str | None = None
+    decision: str | None = None
 
     def __len__(self) -> int:
         return len(self.epoch)

@@ -46,6 +46,15 @@ def hymenoptera_root() -> Path:
     return root
 
 
+@pytest.fixture(scope="session")
+def eurosat_root() -> Path:
+    """The EuroSAT satellite tiles of eurosat_small, or a skip that says how to provide them."""
+    root = _shared_data_dir() / "eurosat_small"
+    if not (root / "train").is_dir():
+        pytest.skip(f"EuroSAT tiles not found at {root}: set D2LFT_DATA_DIR=../shared/data")
+    return root
+
+
 def make_image_folder(root: Path, classes=("a", "b"), per_class: int = 4, size: int = 40) -> Path:
     """Write a tiny ImageFolder tree (train/ and val/) of coloured JPEGs; returns `root`."""
     from PIL import Image

@@ -70,7 +70,9 @@ def test_finetune_defaults_on_real_photos_write_the_json(hymenoptera_root, tmp_p
     report = json.loads(out.read_text())
     assert {"val_acc", "best_val_acc", "epochs", "train_seconds", "images_per_second", "skipped", "model",
             "strategy"} <= set(report)
-    assert report["val_acc"] > 0.85  # chance is 0.54 (83 ants, 70 bees in val)
+    assert report["val_acc"] >= 0.93 and report["kept"] == "probe" and report["domain_shift"] < 0.2  # chance: 0.54
+    assert report["image_size"] == 224 and report["selected_on"].startswith("nothing")
+    assert "chose a linear probe" in result.stdout
     assert report["skipped"] == [str(hymenoptera_root / "train" / "ants" / "imageNotFound.gif")]
     assert "val_acc" in result.stdout
 
@@ -92,7 +94,7 @@ def test_finetune_on_tiny_folder_every_strategy(tiny_folder, tmp_path):
     (lambda tmp: ["--json", str(tmp)], "is a folder"),
     (lambda tmp: ["--json", str(tmp / "file.txt" / "out.json")], "is a file, not a folder"),
     (lambda tmp: ["--json", str(tmp / "x"), "--checkpoint", str(tmp / "x")], "name the same file"),
-    (lambda tmp: ["--lr", "1e-6"], "--strategy probe trains only the head"),
+    (lambda tmp: ["--strategy", "probe", "--lr", "1e-6"], "--strategy probe trains only the head"),
     (lambda tmp: ["--device", "cuda"] if not __import__("torch").cuda.is_available() else ["--device", "nope"],
      "not available on this machine|not a device name"),
 ])
@@ -163,10 +165,11 @@ def test_what_a_run_chooses_it_chooses_on_a_holdout_and_says_so(tmp_path):
     assert main(["finetune", str(root), "--strategy", "lp-ft", "--epochs", "1", "--image-size", "32",
                  "--batch-size", "4", "--json", str(out)]) == 0
     report = json.loads(out.read_text())
-    assert report["selected_on"] == "a hold-out of 20% of train/" and report["holdout_images"] == 4
+    assert report["selected_on"] == "a hold-out of 20% of the training images" and report["holdout_images"] == 4
     assert report["train_images"] == 16 and report["val_images"] == 20 and report["kept"] in ("probe", "finetune")
     out2 = tmp_path / "probe.json"
-    assert main(["finetune", str(root), "--image-size", "32", "--batch-size", "4", "--json", str(out2)]) == 0
+    assert main(["finetune", str(root), "--strategy", "probe", "--image-size", "32", "--batch-size", "4",
+                 "--json", str(out2)]) == 0
     assert json.loads(out2.read_text())["selected_on"].startswith("val/ (the reported figure also chose")
 
 
@@ -205,3 +208,55 @@ def test_crafted_checkpoints_and_hub_files_are_one_line_without_unsafe_advice(tm
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "resnet18-f37072fd.pth cannot be read as plain weights" in err
     assert "weights_only=False" not in err
+
+
+# ----------------------------------------------------------------------------- issue 10: the default and its flags
+
+
+def test_the_image_size_follows_small_images_and_caps_at_the_models(tmp_path):
+    from conftest import make_image_folder
+
+    from d2lft.cli import auto_image_size
+
+    assert auto_image_size(make_image_folder(tmp_path / "tiles", size=64), 224) == 128  # 64 px tiles: 2x
+    assert auto_image_size(make_image_folder(tmp_path / "photos", size=300), 224) == 224
+    assert auto_image_size(tmp_path / "missing", 224) == 224  # image_folders reports the missing folder
+
+
+def test_augment_and_batchnorm_flags_reach_the_run_and_the_json(tiny_folder, tmp_path, monkeypatch):
+    import d2lft.recipes as recipes
+
+    seen = {}
+    real_fine_tune, real_fit = recipes.fine_tune, recipes.fit
+
+    def spy(net, data, **kwargs):
+        seen["batchnorm"] = kwargs["batchnorm"]
+        return real_fine_tune(net, data, **kwargs)
+
+    def fit_spy(net, train, *args, **kwargs):
+        seen["transform"] = repr(train.dataset.transform)  # what the backbone trained on
+        return real_fit(net, train, *args, **kwargs)
+
+    monkeypatch.setattr(recipes, "fit", fit_spy)
+    monkeypatch.setattr(recipes, "fine_tune", spy)
+    out = tmp_path / "out.json"
+    assert main(["finetune", str(tiny_folder), "--strategy", "finetune", "--epochs", "1", "--image-size", "32",
+                 "--batch-size", "4", "--augment", "overhead", "--batchnorm", "frozen", "--json", str(out)]) == 0
+    report = json.loads(out.read_text())
+    assert report["augment"] == "overhead" and report["batchnorm"] == "frozen" == seen["batchnorm"]
+    assert "RandomVerticalFlip" in seen["transform"]
+    with pytest.raises(SystemExit):
+        main(["finetune", str(tiny_folder), "--augment", "rotate-a-lot"])
+
+
+@pytest.mark.photos
+@pytest.mark.slow
+def test_the_default_on_satellite_tiles_fine_tunes_and_beats_the_probe(eurosat_root, tmp_path):
+    out = tmp_path / "out.json"
+    result = run_cli("finetune", str(eurosat_root), "--json", str(out))
+    assert result.returncode == 0, result.stderr
+    report = json.loads(out.read_text())
+    assert report["image_size"] == 128 and report["domain_shift"] >= 0.2 and report["epochs"] == 8
+    assert report["selected_on"] == "a hold-out of 20% of the training images" and report["holdout_images"] == 200
+    assert report["kept"] == "finetune" and report["val_acc"] >= 0.95, report  # the probe alone: 0.93
+    assert "chose lp-ft" in result.stdout

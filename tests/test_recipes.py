@@ -118,7 +118,7 @@ def test_lp_ft_never_ends_below_its_own_probe(tiny_folder, lr):
     from d2lft.train import evaluate
 
     net, data = lite0_and_data(tiny_folder)
-    history = fine_tune(net, data, strategy="lp-ft", epochs=2, probe_epochs=5, lr=lr, **QUIET)
+    history = fine_tune(net, data, strategy="lp-ft", epochs=2, probe_epochs=5, lr=lr, label_smoothing=0, **QUIET)
     probe_best = min(history.val_loss[:history.probe_epochs])
     final = evaluate(net, data.val)["loss"]
     assert final <= probe_best + 1e-5, (history.kept, final, probe_best)
@@ -161,3 +161,76 @@ def test_lp_ft_keeps_the_pretrained_batchnorm_statistics_unless_asked(tiny_folde
     assert not all(torch.equal(a, b) for a, b in zip(before, stats(net)))
     with pytest.raises(ValueError, match="batchnorm='keep'"):
         fine_tune(net, data, strategy="lp-ft", batchnorm="keep", **QUIET)
+
+
+# ----------------------------------------------------------------------------- issue 10: the default, "auto"
+
+
+def test_the_command_line_and_fine_tune_share_one_default():
+    import inspect
+
+    assert inspect.signature(fine_tune).parameters["strategy"].default == cli.DEFAULTS["strategy"] == "auto"
+
+
+@pytest.mark.parametrize("shift", [0.1, 0.3])
+def test_auto_probes_near_images_and_fine_tunes_far_ones_choosing_on_a_holdout(tmp_path, monkeypatch, shift):
+    from conftest import make_image_folder
+
+    root = make_image_folder(tmp_path / "ten", per_class=10)
+    net, data = lite0_and_data(root)
+    monkeypatch.setattr(recipes, "domain_shift", lambda *a, **k: shift)
+    seen = []  # the validation loaders fit was given: what the run chose on
+    real_fit = recipes.fit
+    monkeypatch.setattr(recipes, "fit", lambda *a, **k: seen.append(len(a[2].dataset)) or real_fit(*a, **k))
+    before = backbone_copy(net)
+    history = fine_tune(net, data, epochs=1, **QUIET)
+    assert history.domain_shift == shift and f"{shift:.2f}" in history.decision
+    if shift < recipes.AUTO_SHIFT:  # a probe on all 20 training images; its last epoch is kept
+        assert history.kept == "probe" and not changed(before, net)
+        assert history.best_epoch == len(history) == 30 and history.selected_on.startswith("nothing")
+    else:  # lp-ft: the fine-tuning phase validated on the 4 held-out training images, never on val/
+        assert history.probe_epochs == 30 and len(history) == 31 and history.kept in ("probe", "finetune")
+        assert seen == [4] and history.selected_on == recipes.HELD_OUT
+
+
+def test_auto_refuses_a_learning_rate_it_would_not_use(tiny_folder, monkeypatch):
+    net, data = lite0_and_data(tiny_folder)
+    monkeypatch.setattr(recipes, "domain_shift", lambda *a, **k: 0.1)
+    with pytest.raises(ValueError, match="only trains the head on these images"):
+        fine_tune(net, data, lr=1e-3, **QUIET)
+
+
+def test_domain_shift_is_zero_on_the_pretraining_statistics_and_grows_with_the_shift(tmp_path):
+    from conftest import make_image_folder
+    from nets import staged_net
+
+    from d2lft.features import domain_shift
+    from d2lft.net import Preprocessing
+
+    data = image_folders(make_image_folder(tmp_path, per_class=8), Preprocessing(image_size=16), batch_size=16,
+                         progress=False)
+    net = staged_net(num_classes=2)
+    for m in net.modules():  # "pretrain" on these very images: running statistics = their statistics
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.reset_running_stats()
+            m.momentum = None  # a cumulative average
+    net.train()
+    with torch.no_grad():
+        for x, _ in data.loader("train"):
+            net(x)
+    assert domain_shift(net, data) < 1e-4
+    near, far = (image_folders(tmp_path, Preprocessing(image_size=16, mean=(m, m, m)), progress=False)
+                 for m in (0.45, 0.2))  # the same images, brighter and brighter after normalisation
+    assert 0 < domain_shift(net, near) < domain_shift(net, far)
+
+
+@pytest.mark.photos
+@pytest.mark.slow
+def test_domain_shift_separates_imagenet_like_photos_from_satellite_tiles(hymenoptera_root, eurosat_root):
+    from d2lft.features import domain_shift
+
+    shifts = {}
+    for name, root, size in (("ants", hymenoptera_root, 224), ("eurosat", eurosat_root, 128)):
+        net = create_model("efficientnet_lite0")
+        shifts[name] = domain_shift(net, image_folders(root, net, image_size=size, progress=False))
+    assert shifts["ants"] < recipes.AUTO_SHIFT <= shifts["eurosat"], shifts
