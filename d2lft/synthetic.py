@@ -8,7 +8,7 @@ course's point in miniature. Each split also has a ``targets.csv`` with the obje
 continuous target for the regression examples.
 
 ``make_shapes(root, shifted=True)`` writes the same scenes as another sensor would record them
-(``root/shapes_shifted``): false colours, an edge channel, low resolution and strong noise. The
+(``root/shapes_shifted``): false colours, an edge channel, half the resolution and noise. The
 labels and the layout are the same; the pixels are far from any photo, which makes it the
 offline stand-in for a domain far from ImageNet (satellite tiles, in chapter 5).
 
@@ -59,7 +59,7 @@ def make_shapes(
     The same arguments always give the same bytes. A finished tree is reused; one left
     half-written (no manifest) or made with other arguments is generated again. With
     ``shifted=True`` the same scenes are recorded through another sensor (false colours, an edge
-    channel, low resolution, strong noise) into ``root/shapes_shifted``: a domain shift with the
+    channel, half the resolution, noise) into ``root/shapes_shifted``: a domain shift with the
     labels unchanged.
 
     Example:
@@ -245,12 +245,12 @@ def _draw(rng: np.random.Generator, name: str, size: int) -> tuple[Image.Image, 
 
 def _through_another_sensor(rng: np.random.Generator, image: Image.Image) -> Image.Image:
     """The same scene in false colours: inverted brightness, an edge channel and a blurred one,
-    recorded at a third of the resolution with strong noise (nothing like an ImageNet photo)."""
+    recorded at half the resolution with sensor noise (nothing like an ImageNet photo)."""
     size = image.size[0]
-    low = image.convert("L").resize((max(8, size // 3),) * 2, Image.BILINEAR).resize((size, size), Image.BILINEAR)
+    low = image.convert("L").resize((max(8, size // 2),) * 2, Image.BILINEAR).resize((size, size), Image.BILINEAR)
     grey = np.asarray(low, dtype=np.float32)
     edges = np.asarray(low.filter(ImageFilter.FIND_EDGES), dtype=np.float32) * 3
     blurred = np.asarray(low.filter(ImageFilter.GaussianBlur(2)), dtype=np.float32)
     channels = np.stack([255 - grey, edges, 0.5 * blurred + 60], axis=-1)
-    noisy = channels + rng.normal(0, 18, size=channels.shape)
+    noisy = channels + rng.normal(0, 8, size=channels.shape)
     return Image.fromarray(np.clip(noisy, 0, 255).astype(np.uint8))
