@@ -30,10 +30,10 @@ from d2lft.device import resolve_device
 from d2lft.errors import ConfigError
 from d2lft.features import PROBE_EPOCHS, PROBE_LR, domain_shift, probe
 from d2lft.freeze import freeze_batchnorm, unfreeze
+from d2lft.imbalance import class_counts
 from d2lft.net import Net
 from d2lft.optim import make_optimizer, make_scheduler, param_groups
 from d2lft.train import History, fit
-from d2lft.transforms import check_augment
 
 __all__ = ["fine_tune", "selection_split", "STRATEGIES", "BATCHNORM", "AUTO_SHIFT", "AUTO_EPOCHS", "AUTO_AUGMENT",
            "HOLDOUT"]
@@ -142,7 +142,7 @@ def fine_tune(
                      batchnorm=batchnorm, label_smoothing=label_smoothing, augment=augment, device=device,
                      progress=progress, seed=seed, **fit_options)
     if augment is not None and augment != data.augment:
-        data = data.with_augment(check_augment(augment))
+        data = data.with_augment(augment)  # train_transform checks the preset's name
     if batchnorm is None:
         batchnorm = "frozen" if strategy == "lp-ft" else "update"
     if batchnorm not in BATCHNORM:
@@ -229,8 +229,7 @@ def _auto(net: Net, data: ImageFolderData, *, epochs: int | None, seed: int, dev
         history.decision = (f"a linear probe on all {len(data.train_dataset)} training images: they look like "
                             f"the pretraining data (domain shift {shift:.2f} < {AUTO_SHIFT})")
     else:
-        options["augment"] = options["augment"] or AUTO_AUGMENT
-        select, where = selection_split(data.with_augment(check_augment(options.pop("augment"))), seed=seed)
+        select, where = selection_split(data.with_augment(options.pop("augment") or AUTO_AUGMENT), seed=seed)
         history = fine_tune(net, select, strategy="lp-ft", epochs=AUTO_EPOCHS if epochs is None else epochs,
                             seed=seed, device=device, **options)
         history.selected_on = where
@@ -245,11 +244,9 @@ def _auto(net: Net, data: ImageFolderData, *, epochs: int | None, seed: int, dev
 def selection_split(data: ImageFolderData, *, seed: int = 0) -> tuple[ImageFolderData, str]:
     """The data to choose on, and where that is in words: a hold-out of `HOLDOUT` of each class of the
     training images when every class has at least `MIN_PER_CLASS` of them, else ``data`` itself."""
-    per_class: dict[int, int] = {}
-    for _, t in data.train_dataset.samples:
-        key = t if data.target == "class" else 0
-        per_class[key] = per_class.get(key, 0) + 1
-    if min(per_class.values(), default=0) >= MIN_PER_CLASS:
+    fewest = (int(class_counts(data.train_dataset, len(data.classes)).min()) if data.target == "class"
+              else len(data.train_dataset))
+    if fewest >= MIN_PER_CLASS:
         return data.holdout(HOLDOUT, seed=seed), HELD_OUT
     return data, (f"val (fewer than {MIN_PER_CLASS} training images in some class, too few to carve a "
                   "hold-out: the reported figure also chose)")

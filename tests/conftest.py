@@ -37,22 +37,23 @@ def no_network(monkeypatch):
     monkeypatch.delenv("D2LFT_OFFLINE", raising=False)
 
 
+def _shared_folder(name: str, what: str) -> Path:
+    root = _shared_data_dir() / name
+    if not (root / "train").is_dir():
+        pytest.skip(f"{what} not found at {root}: set D2LFT_DATA_DIR=../shared/data")
+    return root
+
+
 @pytest.fixture(scope="session")
 def hymenoptera_root() -> Path:
     """The ants-vs-bees photos, or a skip that says how to provide them."""
-    root = _shared_data_dir() / "hymenoptera_data"
-    if not (root / "train").is_dir():
-        pytest.skip(f"real photos not found at {root}: set D2LFT_DATA_DIR=../shared/data")
-    return root
+    return _shared_folder("hymenoptera_data", "real photos")
 
 
 @pytest.fixture(scope="session")
 def eurosat_root() -> Path:
     """The EuroSAT satellite tiles of eurosat_small, or a skip that says how to provide them."""
-    root = _shared_data_dir() / "eurosat_small"
-    if not (root / "train").is_dir():
-        pytest.skip(f"EuroSAT tiles not found at {root}: set D2LFT_DATA_DIR=../shared/data")
-    return root
+    return _shared_folder("eurosat_small", "EuroSAT tiles")
 
 
 def make_image_folder(root: Path, classes=("a", "b"), per_class: int = 4, size: int = 40) -> Path:
