@@ -169,10 +169,17 @@ class EarlyStopping:
 
 class Checkpoint:
     """Save the run to `path` after every epoch (last and best weights, optimizer, scheduler, callbacks,
-    random states), so `fit(resume=path)` continues exactly where it stopped."""
+    random states), so `fit(resume=path)` continues exactly where it stopped.
 
-    def __init__(self, path: str | Path, *, callbacks: Iterable[Any] = (), best: EarlyStopping | None = None) -> None:
+    `fit(checkpoint=path)` makes one; pass ``fit(checkpoint=Checkpoint(path, extra={...}))`` to save
+    plain data with every epoch too (``d2lft finetune`` saves its settings and class names, so a
+    checkpoint written before a crash still says what it is).
+    """
+
+    def __init__(self, path: str | Path, *, extra: Mapping[str, Any] | None = None, callbacks: Iterable[Any] = (),
+                 best: EarlyStopping | None = None) -> None:
         self.path = Path(path)
+        self.extra = dict(extra) if extra is not None else None
         self.callbacks = list(callbacks)
         self.best = best
 
@@ -180,7 +187,8 @@ class Checkpoint:
         current = self.best is None or self.best.best_epoch == len(run.history)
         save_checkpoint(self.path, net=run.net, optimizer=run.optimizer, scheduler=run.scheduler,
                         history=run.history, epoch=len(run.history), callbacks=self.callbacks,
-                        generators=run.generators, best_model=None if current else self.best.best_state)
+                        generators=run.generators, best_model=None if current else self.best.best_state,
+                        extra=self.extra)
 
 
 def _in_notebook() -> bool:

@@ -123,18 +123,23 @@ def save_checkpoint(
         "rng": _rng_state(generators),
         "extra": dict(extra) if extra is not None else {},
     }
+    _write(path, payload)
+    return path
+
+
+def _write(path: Path, payload: Mapping[str, Any]) -> None:
+    """torch.save `payload` to `path` atomically: a temporary file renamed over it once complete."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
         with open(tmp, "wb") as f:
-            torch.save(payload, f)
+            torch.save(dict(payload), f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)  # atomic: readers see the old file or the new one, never half of one
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
-    return path
 
 
 def _short(keys: Sequence[str], limit: int = 8) -> str:
@@ -187,6 +192,12 @@ def load_checkpoint(
     d2lft.checkpoint.CheckpointError: ...run.pt: the checkpoint does not fit this model (Linear); ...
     """
     path = Path(path)
+    return _restore(path, _read(path), net, optimizer=optimizer, scheduler=scheduler, callbacks=callbacks,
+                    best=best)
+
+
+def _read(path: Path) -> dict[str, Any]:
+    """The contents of the checkpoint at `path` (weights_only), or one CheckpointError saying what is wrong."""
     if not path.is_file():
         raise CheckpointError(f"{path}: no such checkpoint file; check the path (fit(checkpoint=...) writes one)")
     try:
@@ -203,6 +214,12 @@ def load_checkpoint(
         keys = sorted(map(str, data))[:10] if isinstance(data, Mapping) else type(data).__name__
         raise CheckpointError(f"{path}: not a d2lft checkpoint (found {keys}); expected a file written by "
                               "d2lft.save_checkpoint or torch.save(net.state_dict(), path)")
+    return dict(data)
+
+
+def _restore(path: Path, data: Mapping[str, Any], net: nn.Module, *, optimizer: torch.optim.Optimizer | None = None,
+             scheduler: Any = None, callbacks: Iterable[Any] = (), best: bool = False) -> dict[str, Any]:
+    """Put the contents `_read` from `path` into `net` (and the optimizer, scheduler, callbacks)."""
     info = data.get("model_info") if isinstance(data.get("model_info"), Mapping) else {}
     weights = data["model"] if not best or data.get("best_model") is None else data["best_model"]
     if not (isinstance(weights, Mapping) and all(isinstance(k, str) and isinstance(v, torch.Tensor)
@@ -248,16 +265,14 @@ def load_finetuned(path: str | Path) -> Net:
     from d2lft.net import Preprocessing
 
     path = Path(path)
-    try:
-        extra = torch.load(path, map_location="cpu", weights_only=True).get("extra") or {}
-    except Exception:  # the same file is read again by load_checkpoint, which explains what is wrong with it
-        extra = {}
+    data = _read(path)
+    extra = data.get("extra") if isinstance(data.get("extra"), Mapping) else {}
     classes, name = extra.get("classes"), extra.get("model")
     if not classes or name not in list_models():
         raise CheckpointError(f"{path}: not a checkpoint of `d2lft finetune` (it names no model and classes); "
                               "save one with d2lft finetune DATA --checkpoint PATH")
     net = create_model(name, num_classes=len(classes), pretrained=False)
-    load_checkpoint(path, net)
+    _restore(path, data, net, best=True)  # the weights the run handed back, not its last epoch's
     net.categories = list(classes)
     saved = extra.get("preprocessing")
     if isinstance(saved, dict):

@@ -345,7 +345,7 @@ def fit(
     channels_last: bool | None = None,
     best: str | None = "val_loss",
     early_stopping: int | None = None,
-    checkpoint: str | Path | None = None,
+    checkpoint: str | Path | Checkpoint | None = None,
     resume: str | Path | None = None,
     callbacks: Iterable[Any] = (),
     progress: bool = True,
@@ -368,8 +368,9 @@ def fit(
     * A non-finite loss stops the run with a warning naming the epoch and the step (checked about
       once a second, so the GPU never waits); Ctrl-C stops it cleanly. Both return the `History`
       with ``stop_reason`` set instead of raising.
-    * `checkpoint`: saved after every epoch; `resume`: continue such a run where it stopped
-      (`epochs` counts the epochs of the whole run). `seed`: `d2lft.set_seed` first.
+    * `checkpoint`: saved after every epoch (a path, or ``d2lft.callbacks.Checkpoint(path, extra=...)``
+      to save plain data with it); `resume`: continue such a run where it stopped (`epochs` counts
+      the epochs of the whole run). `seed`: `d2lft.set_seed` first.
     * `callbacks`: see `d2lft.callbacks` (e.g. `d2lft.GradualUnfreezing`, ``d2lft.plot.LivePlot``).
 
     Under torchrun, call ``d2lft.distributed.setup(device)`` first; `fit` then trains with
@@ -405,7 +406,8 @@ def fit(
     stateful = [tracker, *user_callbacks]
     callbacks = [tracker, *user_callbacks]
     if checkpoint is not None:
-        callbacks.append(Checkpoint(checkpoint, callbacks=[cb for cb in stateful if hasattr(cb, "state_dict")],
+        path, extra = (checkpoint.path, checkpoint.extra) if isinstance(checkpoint, Checkpoint) else (checkpoint, None)
+        callbacks.append(Checkpoint(path, extra=extra, callbacks=[cb for cb in stateful if hasattr(cb, "state_dict")],
                                     best=tracker))
     if progress:
         callbacks.append(ProgressBar())

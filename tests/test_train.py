@@ -329,6 +329,31 @@ def test_fit_checkpoints_last_and_best_weights(tmp_path) -> None:
     assert data["epoch"] == 3 and same_weights(last, snaps.weights[2]) and same_weights(best, snaps.weights[0])
 
 
+def test_a_checkpoint_saves_plain_data_with_every_epoch(tmp_path) -> None:
+    from d2lft.callbacks import Checkpoint
+
+    x, y = images()
+    history = fit(tiny_net(), loader(x, y), loader(x, y), epochs=2, lr=3e-3, **QUIET,
+                  checkpoint=Checkpoint(tmp_path / "run.pt", extra={"classes": ["a", "b"]}))
+    data = load_checkpoint(tmp_path / "run.pt", tiny_net())  # e.g. written just before a crash: it says what it is
+    assert data["extra"] == {"classes": ["a", "b"]} and data["epoch"] == len(history) == 2
+
+
+def test_load_finetuned_reads_the_file_once_and_hands_back_the_best_weights(tmp_path, monkeypatch) -> None:
+    from d2lft.checkpoint import load_finetuned
+    from d2lft.models import create_model
+
+    net = create_model("efficientnet_lite0", num_classes=2, pretrained=False)
+    best = {k: v + 1 if v.is_floating_point() else v for k, v in net.state_dict().items()}
+    path = save_checkpoint(tmp_path / "run.pt", net=net, best_model=best,
+                           extra={"classes": ["ants", "bees"], "model": "efficientnet_lite0"})
+    reads, real_load = [], torch.load
+    monkeypatch.setattr(torch, "load", lambda *args, **kwargs: reads.append(args) or real_load(*args, **kwargs))
+    loaded = load_finetuned(path)
+    assert len(reads) == 1 and loaded.categories == ["ants", "bees"]
+    assert all(torch.equal(v, best[k]) for k, v in loaded.state_dict().items())  # what the run handed back
+
+
 class InterruptAt:
     """Callback: Ctrl-C at the start of one epoch."""
 
