@@ -33,8 +33,8 @@ from torchvision.transforms import v2
 from tqdm.auto import tqdm
 
 from d2lft.errors import ConfigError
-from d2lft.images import (IMAGE_EXTENSIONS, BadImageError, DuplicateImageWarning, load_image, printable_path,
-                          scan_images, shared_files)
+from d2lft.images import (IMAGE_EXTENSIONS, NOT_READ, BadImageError, DuplicateImageWarning, load_image,
+                          printable_path, scan_images, shared_files)
 from d2lft.net import Net, Preprocessing
 from d2lft.transforms import check_augment, train_transform
 
@@ -45,7 +45,12 @@ __all__ = ["BadImageWarning", "CachedImageDataset", "ImageFolderData", "image_fo
 
 
 class BadImageWarning(UserWarning):
-    """A file in a class folder was skipped: unreadable, or not of an image type read (one warning per file)."""
+    """Files in class folders were skipped: unreadable, or not of an image type read (one warning per dataset)."""
+
+
+#: The reports `image_folders` has made in this process, as (dataset folder, message): a course loads
+#: the same photos in chapter after chapter, and a reader needs to hear about its stray GIF once.
+_REPORTED: set[tuple[str, str]] = set()
 
 
 class CachedImageDataset(Dataset):
@@ -311,7 +316,8 @@ def image_folders(
     a guessed default would silently mis-normalise other weights. `image_size` overrides its size (a CPU trains faster at
     128 px than at 224). The layout is checked first (errors name the folder and what to do).
     Every image is read once up front; unreadable ones are reported once each (a
-    `BadImageWarning`) and skipped, and their paths, with files of other types, are in ``.skipped``.
+    `BadImageWarning` per dataset and process, naming them relative to `root`) and skipped, and
+    their paths, with files of other types, are in ``.skipped`` (every time).
 
     Args:
         augment: the training transform's preset (see `d2lft.transforms`).
@@ -351,54 +357,57 @@ def image_folders(
             f"{train_dir} has only one class folder ({classes[0]!r}): a classifier needs at least two; "
             f"add one folder per class"
         )
-    skipped: list[str] = []
-    train_samples = _samples(train_dir, classes, extensions=extensions, target=target, skipped=skipped)
-    if val_dir is None:
-        train_samples, val_samples = _hold_out(train_samples, val_split, seed=seed, folder=train_dir)
-        val_dir = train_dir
-    else:
-        val_classes = _class_names(val_dir)
-        if val_classes != classes:
-            raise ConfigError(
-                f"class folders differ: {train_dir} has {classes} but {val_dir} has {val_classes} "
-                f"(only in train: {sorted(set(classes) - set(val_classes))}, "
-                f"only in {val_dir.name}: {sorted(set(val_classes) - set(classes))}); "
-                f"give both splits the same class folders"
-            )
-        val_samples = _samples(val_dir, classes, extensions=extensions, target=target, skipped=skipped)
-        for train_path, val_path in shared_files([p for p, _ in train_samples], [p for p, _ in val_samples]):
-            warnings.warn(f"{val_path} is the same file as {train_path} (a link): this image is in both splits, so "
-                          "validation scores on it are not honest; remove one of them", DuplicateImageWarning,
-                          stacklevel=2)
+    problems: list[tuple[str, str]] = []  # (path, why it was skipped), reported once below
+    try:
+        train_samples = _samples(train_dir, classes, extensions=extensions, target=target, problems=problems)
+        if val_dir is None:
+            train_samples, val_samples = _hold_out(train_samples, val_split, seed=seed, folder=train_dir)
+            val_dir = train_dir
+        else:
+            val_classes = _class_names(val_dir)
+            if val_classes != classes:
+                raise ConfigError(
+                    f"class folders differ: {train_dir} has {classes} but {val_dir} has {val_classes} "
+                    f"(only in train: {sorted(set(classes) - set(val_classes))}, "
+                    f"only in {val_dir.name}: {sorted(set(val_classes) - set(classes))}); "
+                    f"give both splits the same class folders"
+                )
+            val_samples = _samples(val_dir, classes, extensions=extensions, target=target, problems=problems)
+            for train_path, val_path in shared_files([p for p, _ in train_samples], [p for p, _ in val_samples]):
+                warnings.warn(f"{val_path} is the same file as {train_path} (a link): this image is in both splits, so "
+                              "validation scores on it are not honest; remove one of them", DuplicateImageWarning,
+                              stacklevel=2)
 
-    built = []
-    for name, directory, samples, transform in (
-        ("train", train_dir, train_samples, train_transform(preprocessing, augment)),
-        ("val", val_dir, val_samples, preprocessing.eval_transform()),
-    ):
-        if cache:
-            images, good = _decode_all(samples, preprocessing=preprocessing, skipped=skipped,
-                                       desc=f"caching {name}", progress=progress)
-        else:
-            images, good = None, _check_all(samples, skipped=skipped, desc=f"checking {name}", progress=progress)
-        _require_every_class(good, classes, directory)
-        if cache:
-            dtype = torch.int64 if target == "class" else torch.float32
-            dataset: Dataset = CachedImageDataset(images, torch.tensor([t for _, t in good], dtype=dtype),
-                                                  paths=[p for p, _ in good], classes=classes, transform=transform)
-        else:
-            if target != "class":
-                good = [(p, torch.tensor(t, dtype=torch.float32)) for p, t in good]
-            dataset = _FolderDataset(directory, classes=classes, samples=good, transform=transform)
-        dataset.preprocessing = preprocessing
-        built.append(dataset)
+        built = []
+        for name, directory, samples, transform in (
+            ("train", train_dir, train_samples, train_transform(preprocessing, augment)),
+            ("val", val_dir, val_samples, preprocessing.eval_transform()),
+        ):
+            if cache:
+                images, good = _decode_all(samples, preprocessing=preprocessing, problems=problems,
+                                           desc=f"caching {name}", progress=progress)
+            else:
+                images, good = None, _check_all(samples, problems=problems, desc=f"checking {name}", progress=progress)
+            _require_every_class(good, classes, directory)
+            if cache:
+                dtype = torch.int64 if target == "class" else torch.float32
+                dataset: Dataset = CachedImageDataset(images, torch.tensor([t for _, t in good], dtype=dtype),
+                                                      paths=[p for p, _ in good], classes=classes, transform=transform)
+            else:
+                if target != "class":
+                    good = [(p, torch.tensor(t, dtype=torch.float32)) for p, t in good]
+                dataset = _FolderDataset(directory, classes=classes, samples=good, transform=transform)
+            dataset.preprocessing = preprocessing
+            built.append(dataset)
+    finally:  # also when a class is left without images: the reason is among these files
+        _report_skipped(root, problems)
 
     train_dataset, val_dataset = built
     return ImageFolderData(
         train=_loader(train_dataset, batch_size=batch_size, shuffle=True, num_workers=num_workers, seed=seed),
         val=_loader(val_dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers, seed=seed),
         classes=list(classes),
-        skipped=skipped,
+        skipped=[path for path, _ in problems],
         root=root,
         preprocessing=preprocessing,
         augment=augment,
@@ -457,17 +466,15 @@ def _class_names(split_dir: Path) -> list[str]:
 
 
 def _samples(split_dir: Path, classes: list[str], *, extensions: tuple[str, ...], target: str,
-             skipped: list[str]) -> list[tuple[str, object]]:
-    """(path, class index or float target) for each image file; other visible files go to `skipped`."""
+             problems: list[tuple[str, str]]) -> list[tuple[str, object]]:
+    """(path, class index or float target) for each image file; other visible files go to `problems`."""
     class_to_idx = {c: i for i, c in enumerate(classes)}
     samples, by_class = [], []
     for name in classes:  # one walk per class folder: no link followed twice, nothing bad dropped silently
         files, bad = scan_images(split_dir / name, extensions=extensions)
         samples += [(path, class_to_idx[name]) for path in files]
         by_class.append(files)
-        for path, reason in bad:
-            skipped.append(path)
-            warnings.warn(f"skipping {path}: {reason}", BadImageWarning, stacklevel=3)
+        problems += bad
     for first, second in shared_files(*by_class):
         warnings.warn(f"{second} is the same file as {first} (a link): one image under two labels; remove one",
                       DuplicateImageWarning, stacklevel=3)
@@ -517,7 +524,7 @@ def _hold_out(samples: list, fraction: float, *, seed: int, folder: Path) -> tup
     return train, val
 
 
-def _decode_all(samples: list, *, preprocessing: Preprocessing, skipped: list[str], desc: str,
+def _decode_all(samples: list, *, preprocessing: Preprocessing, problems: list[tuple[str, str]], desc: str,
                 progress: bool) -> tuple[torch.Tensor, list]:
     """Decode, resize (shorter side) and center-crop each image once: a uint8 tensor (N, 3, S, S)."""
     size, image_size = preprocessing.resize_size(), preprocessing.image_size
@@ -527,7 +534,7 @@ def _decode_all(samples: list, *, preprocessing: Preprocessing, skipped: list[st
     for path, t in tqdm(samples, desc=desc, unit="img", disable=not progress):
         # No JPEG draft mode here: it was only 1.3x faster on the ants-vs-bees photos, and its
         # rounded reduced size shifts the crop so cached and uncached tensors no longer match.
-        image = _load_or_report(path, skipped)
+        image = _load_or_report(path, problems)
         if image is not None:
             images[len(good)] = v2.functional.pil_to_tensor(_square_crop(resize(image), image_size))
             good.append((path, t))
@@ -550,22 +557,61 @@ def _square_crop(image, image_size: int):
     return v2.functional.crop(image, start(height), start(width), side, side)
 
 
-def _check_all(samples: list, *, skipped: list[str], desc: str, progress: bool) -> list:
+def _check_all(samples: list, *, problems: list[tuple[str, str]], desc: str, progress: bool) -> list:
     """The samples whose image decodes: bad files are found now, not in the middle of an epoch."""
     good = []
     for path, t in tqdm(samples, desc=desc, unit="img", disable=not progress):
-        if _load_or_report(path, skipped) is not None:
+        if _load_or_report(path, problems) is not None:
             good.append((path, t))
     return good
 
 
-def _load_or_report(path: str, skipped: list[str]):
+def _load_or_report(path: str, problems: list[tuple[str, str]]):
     try:
         return load_image(path)
     except BadImageError as err:
-        skipped.append(printable_path(path))
-        warnings.warn(f"skipping unreadable image: {err}", BadImageWarning, stacklevel=4)
+        problems.append((printable_path(path), err.reason))
         return None
+
+
+def _report_skipped(root: Path, problems: list[tuple[str, str]], *, shown: int = 10) -> None:
+    """One `BadImageWarning` for all the files of a dataset that were skipped, once per process.
+
+    Its text names the files relative to `root`, as a reader can find them on any machine. It is
+    raised with `warnings.warn_explicit` at the dataset's name: `warnings.warn` would print the file
+    and line of the caller first, which in a notebook is a temporary file and in the course's pages
+    a path on the machine that built them. The warning stays a warning: filters, ``pytest.warns``
+    and ``-W error::d2lft.data.BadImageWarning`` work as they do for any other.
+    """
+    if not problems:
+        return
+    prefix = printable_path(root) + os.sep
+
+    def relative(text: str) -> str:
+        return text.replace(prefix, "")
+
+    types = [(relative(p), printable_path(Path(p).suffix) or "no extension") for p, why in problems if NOT_READ in why]
+    other = [(relative(p), relative(why)) for p, why in problems if NOT_READ not in why]
+
+    def listed(items: list[str]) -> str:
+        more = len(items) - shown
+        return ", ".join(items[:shown]) + (f" and {more} more (all in .skipped)" if more > 0 else "")
+
+    parts = []
+    if other:
+        parts.append(f"{len(other)} unusable file{'s' * (len(other) > 1)}: "
+                     + listed([f"{p} ({why})" for p, why in other]))
+    if types:
+        one = len(types) == 1
+        parts.append(f"{len(types)} file{'' if one else 's'} that {'is' if one else 'are'} not an image type read "
+                     f"here: " + listed([f"{p} ({suffix})" for p, suffix in types])
+                     + f"; pass extensions=... to read {'it' if one else 'them'}")
+    message = "skipped " + "; ".join(parts)
+    name = Path(os.path.abspath(root)).name
+    if (os.path.realpath(root), message) in _REPORTED:
+        return
+    _REPORTED.add((os.path.realpath(root), message))
+    warnings.warn_explicit(message, BadImageWarning, filename=name, lineno=0, module=__name__)
 
 
 def _require_every_class(samples: list, classes: list[str], directory: Path) -> None:

@@ -33,6 +33,9 @@ __all__ = [
 #: `load_image` still reads one when asked, and ``image_folders(extensions=...)`` can add them.
 IMAGE_EXTENSIONS: frozenset[str] = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff"})
 
+#: How `scan_images` says a file was left out for its type (``d2lft.data`` groups such files in its report).
+NOT_READ = "is not an image type read here"
+
 #: Same default as ``PIL.Image.MAX_IMAGE_PIXELS`` (about 9459 x 9459): bigger images are refused.
 DEFAULT_MAX_PIXELS = 89_478_485
 
@@ -338,7 +341,7 @@ def scan_images(
                 skipped.append((printable_path(path), "not a regular file (a pipe, socket or device)"))
             elif not entry.name.lower().endswith(wanted):
                 suffix = Path(entry.name).suffix or "no extension"
-                skipped.append((printable_path(path), f"{printable_path(suffix)} is not an image type read here "
+                skipped.append((printable_path(path), f"{printable_path(suffix)} {NOT_READ} "
                                                       f"({' '.join(wanted)}); pass extensions=... to read it"))
             elif identity in seen_files:
                 skipped.append((printable_path(path), f"the same file as {printable_path(seen_files[identity])} "
