@@ -1,6 +1,7 @@
 """The `d2lft` command line: fine-tune, predict, manage datasets, benchmark.
 
     d2lft finetune DATA_DIR [--model NAME] [--strategy S] [--epochs N] [--val-split F] [--json PATH]
+                   [--checkpoint PATH [--resume]]
     d2lft predict IMAGE... [--model NAME | --checkpoint PATH] [--topk K]
     d2lft export CHECKPOINT --out PATH
     d2lft data list | d2lft data download NAME
@@ -32,7 +33,8 @@ __all__ = ["main", "run_finetune", "DEFAULTS"]
 
 #: The command line's defaults, chosen by measurement on a 2-core CPU (ants vs bees, 244 train
 #: images): a probe on cached 224 px features reached val acc 0.948 in 18 s of wall time, while
-#: lp-ft at 160 px (probe, then 2 epochs of all layers) reached 0.902 in 74 s.
+#: lp-ft at 160 px (probe, then 2 epochs of all layers) reached 0.902 in 74 s. A checkpoint records
+#: the settings its run used, so --resume continues with them.
 DEFAULTS = {
     "model": "efficientnet_lite0",
     "strategy": "auto",
@@ -42,33 +44,41 @@ DEFAULTS = {
     "lr": None,
     "augment": None,  # crop+flip; "auto" fine-tunes far images with "overhead" (d2lft.recipes.AUTO_AUGMENT)
     "batchnorm": None,
+    "val_split": None,  # use val/ (or test/)
+    "seed": 0,
 }
 
 
 def run_finetune(
     data_dir: str | Path,
     *,
-    model: str = DEFAULTS["model"],
-    strategy: str = DEFAULTS["strategy"],
-    epochs: int | None = DEFAULTS["epochs"],
-    image_size: int | None = DEFAULTS["image_size"],
-    batch_size: int = DEFAULTS["batch_size"],
-    lr: float | None = DEFAULTS["lr"],
-    augment: str | None = DEFAULTS["augment"],
-    batchnorm: str | None = DEFAULTS["batchnorm"],
+    model: str | None = None,
+    strategy: str | None = None,
+    epochs: int | None = None,
+    image_size: int | None = None,
+    batch_size: int | None = None,
+    lr: float | None = None,
+    augment: str | None = None,
+    batchnorm: str | None = None,
     val_split: float | None = None,
-    seed: int = 0,
+    seed: int | None = None,
     device: str | torch.device | None = None,
     checkpoint: str | Path | None = None,
+    resume: bool = False,
     progress: bool = True,
 ) -> dict:
     """What ``d2lft finetune DATA_DIR`` does: load the folder, fine-tune, and report the figures.
 
-    Returns a JSON-ready dict: val_acc (of the model handed back, on val/), selected_on, kept,
-    best_val_acc, epochs, probe_epochs, train_seconds, images_per_second, skipped, model, strategy
-    (and the settings used).
+    A setting left at None takes its `DEFAULTS` value, or, with `resume`, the value the run in
+    `checkpoint` was started with (a setting given that differs from it is refused, as is other
+    data). The checkpoint is written after every epoch of training the backbone, so `resume`
+    continues an interrupted run from its last finished epoch, with its best weights and history.
+
+    Returns a JSON-ready dict: val_acc, per_class_recall, confusion_matrix and misclassified (of the
+    model handed back, on val/), selected_on, kept, best_val_acc, epochs, probe_epochs,
+    train_seconds, images_per_second, skipped, model, strategy (and the settings used).
     """
-    from d2lft.checkpoint import save_checkpoint
+    from d2lft.callbacks import Checkpoint
     from d2lft.data import image_folders
     from d2lft.device import resolve_device, set_seed
     from d2lft.distributed import is_main_process
@@ -76,13 +86,27 @@ def run_finetune(
     from d2lft.recipes import AUTO_AUGMENT, HELD_OUT, fine_tune, selection_split
 
     start = time.perf_counter()
+    given = {"model": model, "strategy": strategy, "epochs": epochs, "image_size": image_size,
+             "batch_size": batch_size, "lr": lr, "augment": augment, "batchnorm": batchnorm,
+             "val_split": val_split, "seed": seed}
+    saved = _resumable(checkpoint) if resume else None  # a run that cannot resume fails now, in one line
+    settings = _settings(given, saved, checkpoint)
+    model, strategy, seed, val_split = settings["model"], settings["strategy"], settings["seed"], settings["val_split"]
     device = resolve_device(device)  # a device that is not here fails now, not after caching the images
     set_seed(seed)
     net = create_model(model, pretrained=strategy != "scratch")
-    image_size = image_size or auto_image_size(data_dir, net.preprocessing.image_size, val_split=val_split)
-    data = image_folders(data_dir, net, image_size=image_size, batch_size=batch_size, seed=seed,
+    image_size = settings["image_size"] or auto_image_size(data_dir, net.preprocessing.image_size, val_split=val_split)
+    settings["image_size"] = image_size
+    data = image_folders(data_dir, net, image_size=image_size, batch_size=settings["batch_size"], seed=seed,
                          val_split=val_split, progress=progress and is_main_process())
+    if saved is not None:
+        _check_same_data(saved, data, checkpoint)
+        if progress and is_main_process():
+            print(f"resuming {checkpoint} after epoch {saved['epoch']} of training the backbone")
     replace_head(net, len(data.classes))
+    extra = {"classes": data.classes, "model": model, "image_size": image_size,
+             "preprocessing": dataclasses.asdict(data.preprocessing), "settings": settings,
+             "train_images": len(data.train_dataset)}
     # What the run chooses (the best epoch, lp-ft's phase) it chooses on a hold-out carved from train/,
     # so the val/ figure it reports chose nothing; "auto" carves its own when it fine-tunes (fine_tune),
     # a probe's 30 epochs on cached features choose on val/, and the report says so.
@@ -90,22 +114,30 @@ def run_finetune(
     if strategy not in ("probe", "auto"):
         select, selected_on = selection_split(data, seed=seed)
         select = select if select is not data else None
-    history = fine_tune(net, select or data, strategy=strategy, epochs=epochs, lr=lr, batchnorm=batchnorm,
-                        augment=augment, device=device, progress=progress, seed=seed)
+    # fit saves the run after every epoch of training the backbone, with what it is (extra): resumable
+    # even after a crash. A probe's epochs on cached features take seconds: it is saved once, below.
+    history = fine_tune(net, select or data, strategy=strategy, epochs=settings["epochs"], lr=settings["lr"],
+                        batchnorm=settings["batchnorm"], augment=settings["augment"], device=device,
+                        progress=progress, seed=seed,
+                        checkpoint=Checkpoint(checkpoint, extra=extra) if checkpoint is not None else None,
+                        resume=checkpoint if saved is not None else None)
     selected_on = history.selected_on or selected_on
     if select is None and history.selected_on == HELD_OUT:  # auto carved its own hold-out
         select = selection_split(data, seed=seed)[0]
-    final = _val_acc(net, data, history, select, device)
     seconds = time.perf_counter() - start
+    tuned = len(history) - history.probe_epochs  # epochs that ran images through the whole network
     if checkpoint is not None:
         with _shielded():
-            save_checkpoint(checkpoint, net=net, history=history,
-                            extra={"classes": data.classes, "model": model, "image_size": image_size,
-                                   "preprocessing": dataclasses.asdict(data.preprocessing)})
-    tuned = len(history) - history.probe_epochs  # epochs that ran images through the whole network
+            _save_run(checkpoint, net=net, history=history, fine_tuned=tuned > 0,
+                      extra={**extra, "finished": not history.halted, "stop_reason": history.stop_reason})
+    validation = _validate(net, data, data_dir, device) if len(history) else {}
     tuned_seconds = sum(history.seconds[history.probe_epochs:])
     return {
-        "val_acc": final,  # of the model handed back; None: stopped before the first epoch ended
+        # of the model handed back, on val/; None: stopped before the first epoch ended
+        "val_acc": validation.get("val_acc"),
+        "per_class_recall": validation.get("per_class_recall"),  # {class: fraction of its val/ images found}
+        "confusion_matrix": validation.get("confusion_matrix"),  # [true class][predicted class], in `classes` order
+        "misclassified": validation.get("misclassified"),  # val/ images, the most confident mistakes first
         # the best accuracy any epoch measured on what the run chose on (val/, or the hold-out)
         "best_val_acc": max((a for a in history.val_acc if a is not None and math.isfinite(a)), default=None),
         "selected_on": selected_on,
@@ -118,7 +150,8 @@ def run_finetune(
         "stop_message": history.stop_message,
         "interrupted": history.interrupted,
         "halted": history.halted,
-        "train_seconds": round(seconds, 2),
+        "train_seconds": round(seconds, 2),  # of this process: loading and training, not the final validation
+        "resumed_from_epoch": saved.get("epoch") if saved is not None else None,
         # training images per second of the epochs that trained the backbone (None for a probe)
         "images_per_second": (round(len(data.train_dataset) * tuned / tuned_seconds, 2)
                               if tuned and tuned_seconds > 0 else None),
@@ -126,11 +159,12 @@ def run_finetune(
         "model": model,
         "strategy": strategy,
         "image_size": image_size,
-        "batch_size": batch_size,
-        "lr": lr,
+        "batch_size": settings["batch_size"],
+        "lr": settings["lr"],
         # the training augmentation of the epochs that trained the backbone (None: a probe alone ran)
-        "augment": None if not tuned else augment or (AUTO_AUGMENT if strategy == "auto" else data.augment),
-        "batchnorm": batchnorm,
+        "augment": None if not tuned else settings["augment"] or (AUTO_AUGMENT if strategy == "auto"
+                                                                 else data.augment),
+        "batchnorm": settings["batchnorm"],
         "val_split": val_split,
         "seed": seed,
         "classes": data.classes,
@@ -154,16 +188,106 @@ def auto_image_size(data_dir: str | Path, model_size: int, *, val_split: float |
     return model_size if side is None else max(32, min(model_size, 2 * side))
 
 
-def _val_acc(net, data, history, select, device) -> float | None:
-    """Validation accuracy of the model handed back (the best epoch's or the kept phase's, not the last)."""
-    from d2lft.train import evaluate
+def _validate(net, data, data_dir: str | Path, device) -> dict:
+    """Accuracy, recall per class, confusion matrix and the misclassified files of `net` on val/ (one pass)."""
+    from d2lft.images import printable_path
+    from d2lft.metrics import accuracy, confusion_matrix, per_class_recall
+    from d2lft.train import predict
 
-    if select is not None:
-        return evaluate(net, data.val, device=device)["acc"] if len(history) else None
-    if history.best_epoch is not None and history.val_acc[history.best_epoch - 1] is not None:
-        return history.val_acc[history.best_epoch - 1]
-    finished = [a for a in history.val_acc if a is not None and math.isfinite(a)]
-    return finished[-1] if finished else None
+    probs, targets = predict(net, data.val, device=device)
+    predicted, classes = probs.argmax(1), data.classes
+    recall = per_class_recall(targets, predicted, len(classes)).tolist()
+    wrong = [{"path": printable_path(os.path.relpath(path, data_dir)), "true": classes[int(targets[i])],
+              "predicted": classes[int(predicted[i])], "probability": round(float(probs[i, predicted[i]]), 4)}
+             for i, (path, _) in enumerate(data.val_dataset.samples) if predicted[i] != targets[i]]
+    return {
+        "val_acc": accuracy(targets, predicted),
+        "per_class_recall": {c: None if math.isnan(r) else round(r, 4) for c, r in zip(classes, recall)},
+        "confusion_matrix": confusion_matrix(targets, predicted, len(classes)).tolist(),
+        "misclassified": sorted(wrong, key=lambda m: -m["probability"]),
+    }
+
+
+def _per_class_line(report: dict, json_path: Path | None) -> str:
+    """One line: recall per class on val/ (the five lowest when there are many classes), and the mistakes."""
+    counts = {c: sum(row) for c, row in zip(report["classes"], report["confusion_matrix"])}
+    found = {c: row[i] for i, (c, row) in enumerate(zip(report["classes"], report["confusion_matrix"]))}
+    shown = sorted(report["classes"], key=lambda c: found[c] / max(counts[c], 1))[:5] \
+        if len(report["classes"]) > 10 else report["classes"]
+    title = "lowest recall on val/" if len(shown) < len(report["classes"]) else "recall per class on val/"
+    wrong = len(report["misclassified"])
+    where = f"listed in {json_path}" if json_path is not None else "--json lists them"
+    return (f"{title}: " + ", ".join(f"{c} {found[c] / max(counts[c], 1):.3f} ({found[c]}/{counts[c]})" for c in shown)
+            + (f"; {wrong} misclassified ({where})" if wrong else "; none misclassified"))
+
+
+def _settings(given: dict, saved: dict | None, checkpoint: Path | None) -> dict:
+    """The run's settings: those given, else the resumed run's (a given one that differs is refused), else DEFAULTS."""
+    if saved is None:
+        return {k: DEFAULTS[k] if v is None else v for k, v in given.items()}
+    before = saved["settings"]
+    for key, value in given.items():
+        if value is not None and value != before.get(key):
+            flag = "--" + key.replace("_", "-")
+            was = "its default" if before.get(key) is None else f"{flag} {before.get(key)}"
+            raise ConfigError(f"{checkpoint}: the run was started with {was}, not {flag} {value}; leave {flag} out "
+                              "to resume it as it was set up, or drop --resume to start a new run")
+    return {k: before.get(k, DEFAULTS[k]) for k in given}
+
+
+def _resumable(checkpoint: Path | None) -> dict:
+    """What a ``d2lft finetune`` run saved in `checkpoint` (extra and epoch), or one line on why it cannot resume."""
+    from d2lft.checkpoint import CheckpointError, _read
+
+    if checkpoint is None:
+        raise ConfigError("--resume continues the run saved with --checkpoint PATH: give that --checkpoint")
+    if not Path(checkpoint).is_file():
+        raise CheckpointError(f"{checkpoint}: no such checkpoint to resume; check the path, or drop --resume to "
+                              "start a new run (it writes the checkpoint)")
+    data = _read(Path(checkpoint))
+    extra = data.get("extra") if isinstance(data.get("extra"), dict) else {}
+    if not isinstance(extra.get("settings"), dict) or not extra.get("classes"):
+        raise CheckpointError(f"{checkpoint}: not a run of d2lft finetune that can resume (it records no settings); "
+                              "drop --resume to start a new run")
+    if extra.get("stop_reason") == "non_finite_loss":
+        raise CheckpointError(f"{checkpoint}: that run stopped on a non-finite loss, and resuming would repeat it; "
+                              "start a new run without --resume, with a lower --lr")
+    if data.get("epoch") is None or data.get("optimizer") is None:
+        raise CheckpointError(f"{checkpoint}: it holds no epoch of training the backbone to continue from (a probe, "
+                              "whose epochs on cached features take seconds, or a run stopped before its first such "
+                              "epoch ended); run again without --resume")
+    if extra.get("finished"):
+        raise CheckpointError(f"{checkpoint}: that run finished, so there is nothing to resume; use it (d2lft predict "
+                              "--checkpoint), or drop --resume to train again")
+    return {**extra, "epoch": int(data["epoch"])}
+
+
+def _check_same_data(saved: dict, data, checkpoint: Path) -> None:
+    if saved["classes"] != data.classes or saved.get("train_images") != len(data.train_dataset):
+        raise ConfigError(f"{checkpoint}: the run trained on {saved.get('train_images')} images of the classes "
+                          f"{saved['classes']}, but {data.root} holds {len(data.train_dataset)} images of "
+                          f"{data.classes}; resume on the same data, or drop --resume to start a new run")
+
+
+def _save_run(path: Path, *, net, history, extra: dict, fine_tuned: bool) -> None:
+    """Write the model handed back, with what it is (`extra`), to the checkpoint `fit` kept after every epoch.
+
+    `fit` wrote the run's last epoch there (what `--resume` continues from); the weights handed back
+    (the best epoch's, or lp-ft's probe) become its best weights, which ``d2lft predict`` loads.
+    A run that trained no epoch of the backbone (a probe) has no such file: it is written whole.
+    """
+    from d2lft.checkpoint import _read, _write, save_checkpoint
+    from d2lft.distributed import is_main_process
+
+    if not fine_tuned:
+        save_checkpoint(path, net=net, history=history, extra=extra)
+        return
+    if not is_main_process():
+        return
+    run = _read(Path(path))
+    handed = {k: v.detach().cpu() for k, v in net.state_dict().items()}
+    same = handed.keys() == run["model"].keys() and all(torch.equal(v, run["model"][k]) for k, v in handed.items())
+    _write(Path(path), {**run, "best_model": None if same else handed, "extra": extra})
 
 
 @contextmanager
@@ -233,9 +357,9 @@ def _parser() -> argparse.ArgumentParser:
         description="Fine-tune a pretrained model on DATA_DIR, which holds train/ and val/ (or test/) class folders.",
     )
     ft.add_argument("data_dir", metavar="DATA_DIR", type=Path)
-    ft.add_argument("--model", default=DEFAULTS["model"], choices=list_models(), metavar="NAME",
+    ft.add_argument("--model", default=None, choices=list_models(), metavar="NAME",
                     help=f"backbone (default {DEFAULTS['model']}; one of: {', '.join(list_models())})")
-    ft.add_argument("--strategy", default=DEFAULTS["strategy"], choices=STRATEGIES,
+    ft.add_argument("--strategy", default=None, choices=STRATEGIES,
                     help=f"default {DEFAULTS['strategy']}: a probe for images like ImageNet's, lp-ft "
                          "(chosen on a hold-out of train/) for images far from them")
     ft.add_argument("--epochs", type=_positive_int, default=None,
@@ -243,7 +367,7 @@ def _parser() -> argparse.ArgumentParser:
                          "8 of all layers for auto when it fine-tunes; else 3)")
     ft.add_argument("--image-size", type=_positive_int, default=DEFAULTS["image_size"],
                     help="default: the model's (224), or twice the images' shorter side when that is smaller")
-    ft.add_argument("--batch-size", type=_positive_int, default=DEFAULTS["batch_size"],
+    ft.add_argument("--batch-size", type=_positive_int, default=None,
                     help=f"default {DEFAULTS['batch_size']}")
     ft.add_argument("--lr", type=_positive_float, default=DEFAULTS["lr"],
                     help="backbone learning rate when it trains (default 1e-3 for lp-ft and auto; 5e-4 with a "
@@ -257,10 +381,17 @@ def _parser() -> argparse.ArgumentParser:
                          "ones frozen (default: frozen for lp-ft, update otherwise)")
     ft.add_argument("--val-split", type=_fraction, default=None, metavar="F",
                     help="hold out this fraction of each class of train/ for validation (when there is no val/)")
-    ft.add_argument("--seed", type=int, default=0)
+    ft.add_argument("--seed", type=int, default=None, help="default 0")
     ft.add_argument("--device", default=None, help="cpu, cuda or mps (default: the best available)")
-    ft.add_argument("--checkpoint", type=Path, default=None, help="save the best model here (.pt)")
-    ft.add_argument("--json", type=Path, default=None, help="write the final figures here")
+    ft.add_argument("--checkpoint", type=Path, default=None,
+                    help="save the run here (.pt) after every epoch of training the backbone, and the model handed "
+                         "back at the end (d2lft predict and export read it)")
+    ft.add_argument("--resume", action="store_true",
+                    help="continue the interrupted run saved at --checkpoint from its last finished epoch, with its "
+                         "settings (a setting given must match); a probe does not resume: it takes seconds")
+    ft.add_argument("--json", type=Path, default=None,
+                    help="write the figures here: val/ accuracy, recall per class, confusion matrix, and the "
+                         "misclassified val/ files with their predicted class and its probability")
 
     pr = sub.add_parser("predict", help="labels for images: ImageNet's, or your classes with --checkpoint")
     pr.add_argument("images", nargs="+", type=Path, metavar="IMAGE")
@@ -321,6 +452,7 @@ def _finetune(args: argparse.Namespace) -> int:
         seed=args.seed,
         device=device,
         checkpoint=args.checkpoint,
+        resume=args.resume,
     )
     if not distributed.is_main_process():  # under torchrun, rank 0 alone reports
         return 0
@@ -333,6 +465,7 @@ def _finetune(args: argparse.Namespace) -> int:
             print(f"chose {report['decision']}")
         print(f"val_acc {report['val_acc']:.3f} after {phases}{kept}, {report['train_seconds']:.1f} s{speed}; "
               f"chosen on {report['selected_on']}")
+        print(_per_class_line(report, args.json))
     if report["skipped"]:
         print(f"skipped {len(report['skipped'])} file(s), unreadable or not an image type: " + ", ".join(report["skipped"]))
     if args.json:

@@ -260,3 +260,124 @@ def test_the_default_on_satellite_tiles_fine_tunes_and_beats_the_probe(eurosat_r
     assert report["selected_on"] == "a hold-out of 20% of the training images" and report["holdout_images"] == 200
     assert report["kept"] == "finetune" and report["val_acc"] >= 0.95, report  # the probe alone: 0.93
     assert "chose lp-ft" in result.stdout
+
+
+# ----------------------------------------------------------------------------- issue 16: the course as people use it
+
+
+FAST_RUN = ("--image-size", "32", "--batch-size", "4")
+
+
+def test_the_report_gives_recall_per_class_and_the_misclassified_files(tmp_path, capsys):
+    from conftest import make_image_folder
+
+    root = make_image_folder(tmp_path / "swapped")
+    # val/ labelled the other way round: what the model learnt from train/ is wrong here, file by file
+    for old, new in (("a", "x"), ("b", "a"), ("x", "b")):
+        (root / "val" / old).rename(root / "val" / new)
+    out = tmp_path / "out.json"
+    assert main(["finetune", str(root), "--strategy", "probe", *FAST_RUN, "--json", str(out)]) == 0
+    report = json.loads(out.read_text())
+    matrix, wrong = report["confusion_matrix"], report["misclassified"]
+    assert report["classes"] == ["a", "b"] and sum(map(sum, matrix)) == report["val_images"] == 8
+    assert report["val_acc"] == (matrix[0][0] + matrix[1][1]) / 8
+    assert report["per_class_recall"] == {"a": matrix[0][0] / 4, "b": matrix[1][1] / 4}
+    assert len(wrong) == matrix[0][1] + matrix[1][0] >= 4
+    for mistake in wrong:  # a file the user can open, its folder's class, and what the model said instead
+        path = Path(mistake["path"])
+        assert not path.is_absolute() and (root / path).is_file() and path.parts[:2] == ("val", mistake["true"])
+        assert mistake["predicted"] != mistake["true"] and 0.5 <= mistake["probability"] <= 1
+    assert [m["probability"] for m in wrong] == sorted((m["probability"] for m in wrong), reverse=True)
+    recall = ", ".join(f"{c} {matrix[i][i] / 4:.3f} ({matrix[i][i]}/4)" for i, c in enumerate("ab"))
+    line = f"recall per class on val/: {recall}; {len(wrong)} misclassified (listed in {out})"
+    assert line in capsys.readouterr().out
+
+
+def _stop_after_first_epoch(monkeypatch, how: str) -> None:
+    """Ctrl-C, or a crash (a killed process, a lost machine), right after fit saved its first epoch."""
+    from d2lft.callbacks import Checkpoint
+
+    save = Checkpoint.on_epoch_end
+
+    def save_then_stop(self, run):
+        save(self, run)
+        if len(run.history) == 1:
+            raise KeyboardInterrupt if how == "ctrl-c" else RuntimeError("the machine went away")
+
+    monkeypatch.setattr(Checkpoint, "on_epoch_end", save_then_stop)
+
+
+@pytest.mark.parametrize("strategy, how", [("finetune", "ctrl-c"), ("finetune", "crash"), ("lp-ft", "ctrl-c"),
+                                           ("auto", "crash")])
+def test_resume_continues_an_interrupted_run_to_the_model_of_an_uninterrupted_one(tiny_folder, tmp_path, monkeypatch,
+                                                                                  capsys, strategy, how):
+    import torch
+
+    from d2lft.callbacks import Checkpoint
+    from d2lft.checkpoint import load_finetuned
+
+    monkeypatch.setattr("d2lft.recipes.domain_shift", lambda *args, **kwargs: 0.3)  # auto: far images, lp-ft
+
+    args = ["finetune", str(tiny_folder), "--strategy", strategy, "--epochs", "3", *FAST_RUN]
+    assert main([*args, "--checkpoint", str(tmp_path / "whole.pt"), "--json", str(tmp_path / "whole.json")]) == 0
+    ckpt, out = tmp_path / "run.pt", tmp_path / "run.json"
+    with monkeypatch.context() as patch:
+        _stop_after_first_epoch(patch, how)
+        if how == "ctrl-c":
+            assert main([*args, "--checkpoint", str(ckpt), "--json", str(out)]) == 130
+            assert json.loads(out.read_text())["epochs"] == 1
+        else:
+            with pytest.raises(RuntimeError, match="went away"):
+                main([*args, "--checkpoint", str(ckpt)])
+    capsys.readouterr()
+    trained, save = [], Checkpoint.on_epoch_end
+    monkeypatch.setattr(Checkpoint, "on_epoch_end", lambda self, run: trained.append(len(run.history)) or save(self, run))
+    # what the user types: the settings come from the checkpoint
+    assert main(["finetune", str(tiny_folder), "--checkpoint", str(ckpt), "--resume", "--json", str(out)]) == 0
+    assert trained == [2, 3]  # epoch 1 is not trained again
+    assert f"resuming {ckpt} after epoch 1 of training the backbone" in capsys.readouterr().out
+    whole, resumed = json.loads((tmp_path / "whole.json").read_text()), json.loads(out.read_text())
+    assert resumed["resumed_from_epoch"] == 1 and resumed["epochs"] == 3 and resumed["strategy"] == strategy
+    for key in ("val_acc", "best_val_acc", "confusion_matrix", "misclassified", "kept", "probe_epochs"):
+        assert resumed[key] == whole[key], key
+    history = [torch.load(p, weights_only=True)["history"] for p in (tmp_path / "whole.pt", ckpt)]
+    assert history[1]["epoch"] == [1, 2, 3] and history[1]["best_epoch"] == history[0]["best_epoch"]
+    assert history[1]["val_loss"] == pytest.approx(history[0]["val_loss"], rel=1e-4)
+    nets = [load_finetuned(p).state_dict() for p in (tmp_path / "whole.pt", ckpt)]  # what predict and export use
+    for name, value in nets[0].items():
+        assert torch.allclose(value.float(), nets[1][name].float(), atol=1e-5), name
+
+
+def test_resume_refuses_in_one_line_what_it_cannot_continue(tiny_folder, tmp_path, monkeypatch, capsys):
+    from conftest import make_image_folder
+
+    args = ["finetune", str(tiny_folder), "--strategy", "finetune", "--epochs", "2", *FAST_RUN]
+    ckpt = tmp_path / "run.pt"
+    with monkeypatch.context() as patch:
+        _stop_after_first_epoch(patch, "ctrl-c")
+        assert main([*args, "--checkpoint", str(ckpt)]) == 130
+    assert main(["finetune", str(tiny_folder), "--strategy", "probe", *FAST_RUN,
+                 "--checkpoint", str(tmp_path / "probe.pt")]) == 0
+    assert main([*args[:-6], "--epochs", "1", *FAST_RUN, "--checkpoint", str(tmp_path / "done.pt")]) == 0
+    other = make_image_folder(tmp_path / "other", per_class=5)
+    saved = ckpt.read_bytes()
+    capsys.readouterr()
+    for given, message in [
+        ([str(tiny_folder), "--resume"], "--resume continues the run saved with --checkpoint PATH"),
+        ([str(tiny_folder), "--checkpoint", str(tmp_path / "nope.pt"), "--resume"], "nope.pt: no such checkpoint"),
+        ([str(tiny_folder), "--checkpoint", str(ckpt), "--resume", "--epochs", "5"],
+         "run.pt: the run was started with --epochs 2, not --epochs 5; leave --epochs out"),
+        ([str(tiny_folder), "--checkpoint", str(ckpt), "--resume", "--strategy", "lp-ft"],
+         "started with --strategy finetune, not --strategy lp-ft"),
+        ([str(other), "--checkpoint", str(ckpt), "--resume"],
+         f"the run trained on 8 images of the classes ['a', 'b'], but {other} holds 10 images of ['a', 'b']"),
+        ([str(tiny_folder), "--checkpoint", str(tmp_path / "probe.pt"), "--resume"],
+         "probe.pt: it holds no epoch of training the backbone to continue from (a probe"),
+        ([str(tiny_folder), "--checkpoint", str(tmp_path / "done.pt"), "--resume"],
+         "done.pt: that run finished, so there is nothing to resume"),
+    ]:
+        assert main(["finetune", *given]) == 1, given
+        err = capsys.readouterr().err  # the other data are loaded first (their progress bars), the rest not
+        errors = [line for line in err.splitlines() if line.startswith("d2lft finetune: error: ")]
+        assert len(errors) == 1 and message in errors[0] and "Traceback" not in err, err
+    assert ckpt.read_bytes() == saved  # a refused resume leaves the run as it was
