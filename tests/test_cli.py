@@ -307,18 +307,23 @@ def _stop_after_first_epoch(monkeypatch, how: str) -> None:
     monkeypatch.setattr(Checkpoint, "on_epoch_end", save_then_stop)
 
 
-@pytest.mark.parametrize("strategy, how", [("finetune", "ctrl-c"), ("finetune", "crash"), ("lp-ft", "ctrl-c"),
-                                           ("auto", "crash")])
+@pytest.mark.parametrize("strategy, how, lr", [
+    ("finetune", "ctrl-c", None), ("finetune", "crash", None), ("auto", "crash", None),
+    ("lp-ft", "ctrl-c", "3"),  # a rate that spoils fine-tuning: lp-ft hands back its probe
+])
 def test_resume_continues_an_interrupted_run_to_the_model_of_an_uninterrupted_one(tiny_folder, tmp_path, monkeypatch,
-                                                                                  capsys, strategy, how):
+                                                                                  capsys, strategy, how, lr):
     import torch
 
     from d2lft.callbacks import Checkpoint
     from d2lft.checkpoint import load_finetuned
+    from d2lft.data import image_folders
+    from d2lft.train import evaluate
 
     monkeypatch.setattr("d2lft.recipes.domain_shift", lambda *args, **kwargs: 0.3)  # auto: far images, lp-ft
 
     args = ["finetune", str(tiny_folder), "--strategy", strategy, "--epochs", "3", *FAST_RUN]
+    args += ["--lr", lr] if lr else []
     assert main([*args, "--checkpoint", str(tmp_path / "whole.pt"), "--json", str(tmp_path / "whole.json")]) == 0
     ckpt, out = tmp_path / "run.pt", tmp_path / "run.json"
     with monkeypatch.context() as patch:
@@ -330,22 +335,25 @@ def test_resume_continues_an_interrupted_run_to_the_model_of_an_uninterrupted_on
             with pytest.raises(RuntimeError, match="went away"):
                 main([*args, "--checkpoint", str(ckpt)])
     capsys.readouterr()
-    trained, save = [], Checkpoint.on_epoch_end
-    monkeypatch.setattr(Checkpoint, "on_epoch_end", lambda self, run: trained.append(len(run.history)) or save(self, run))
+    trained, save = [], Checkpoint.on_epoch_end  # the epochs the resumed run trains
+    monkeypatch.setattr(Checkpoint, "on_epoch_end", lambda cb, run: trained.append(len(run.history)) or save(cb, run))
     # what the user types: the settings come from the checkpoint
     assert main(["finetune", str(tiny_folder), "--checkpoint", str(ckpt), "--resume", "--json", str(out)]) == 0
     assert trained == [2, 3]  # epoch 1 is not trained again
     assert f"resuming {ckpt} after epoch 1 of training the backbone" in capsys.readouterr().out
     whole, resumed = json.loads((tmp_path / "whole.json").read_text()), json.loads(out.read_text())
+    assert whole["kept"] == ("probe" if lr else strategy if strategy == "finetune" else "finetune")
     assert resumed["resumed_from_epoch"] == 1 and resumed["epochs"] == 3 and resumed["strategy"] == strategy
     for key in ("val_acc", "best_val_acc", "confusion_matrix", "misclassified", "kept", "probe_epochs"):
         assert resumed[key] == whole[key], key
     history = [torch.load(p, weights_only=True)["history"] for p in (tmp_path / "whole.pt", ckpt)]
     assert history[1]["epoch"] == [1, 2, 3] and history[1]["best_epoch"] == history[0]["best_epoch"]
     assert history[1]["val_loss"] == pytest.approx(history[0]["val_loss"], rel=1e-4)
-    nets = [load_finetuned(p).state_dict() for p in (tmp_path / "whole.pt", ckpt)]  # what predict and export use
-    for name, value in nets[0].items():
-        assert torch.allclose(value.float(), nets[1][name].float(), atol=1e-5), name
+    nets = [load_finetuned(p) for p in (tmp_path / "whole.pt", ckpt)]  # what predict and export use
+    for name, value in nets[0].state_dict().items():
+        assert torch.allclose(value.float(), nets[1].state_dict()[name].float(), atol=1e-5), name
+    val = image_folders(tiny_folder, nets[1], image_size=32, batch_size=4, progress=False).val
+    assert evaluate(nets[1], val)["acc"] == resumed["val_acc"]  # the model the JSON reported on, lp-ft's probe too
 
 
 def test_resume_refuses_in_one_line_what_it_cannot_continue(tiny_folder, tmp_path, monkeypatch, capsys):
