@@ -19,7 +19,7 @@ from torch.utils.data import DataLoader
 
 from d2lft.errors import ConfigError
 
-__all__ = ["bench", "format_report", "plain_loop", "TimedLoader"]
+__all__ = ["bench", "format_report", "inference_speed", "plain_loop", "TimedLoader"]
 
 
 class TimedLoader:
@@ -102,6 +102,44 @@ def _plain_loader(checked, *, image_size: int, batch_size: int, mean, std) -> Da
     return DataLoader(dataset, batch_size=batch_size, shuffle=True, drop_last=True)
 
 
+@torch.no_grad()
+def inference_speed(nets: dict[str, nn.Module], *, image_size: int | None = None, batch_size: int = 32,
+                    batches: int = 2, rounds: int = 3, device: str | torch.device | None = None) -> dict[str, float]:
+    """Inference images/s of each net (eval mode, no grad), median over `rounds` interleaved rounds.
+
+    The nets take turns within each round, so a burst of load on a shared machine slows them all
+    alike: compare the figures of one call, not of two. Each round runs one untimed batch, then
+    `batches` timed ones, of random images at `image_size` px (default: each net's own size).
+
+    >>> from d2lft.models import create_model
+    >>> speeds = inference_speed({"lite0": create_model("efficientnet_lite0", pretrained=False)},
+    ...                          image_size=32, batch_size=2, batches=1, rounds=1)
+    >>> list(speeds), speeds["lite0"] > 0
+    (['lite0'], True)
+    """
+    from d2lft.device import resolve_device
+
+    if rounds < 1 or batches < 1:
+        raise ConfigError(f"inference_speed: rounds={rounds}, batches={batches}; both must be at least 1")
+    device = resolve_device(device)
+    runs: dict[str, list[float]] = {name: [] for name in nets}
+    for _ in range(rounds):
+        for name, net in nets.items():
+            net.eval().to(device)
+            size = image_size or getattr(net, "image_size", 224)
+            x = torch.randn(batch_size, 3, size, size, device=device)
+            net(x)  # warm-up: allocations, kernel selection
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            start = time.perf_counter()
+            for _ in range(batches):
+                net(x)
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            runs[name].append(batch_size * batches / (time.perf_counter() - start))
+    return {name: statistics.median(values) for name, values in runs.items()}
+
+
 def bench(
     *,
     model: str = "efficientnet_lite0",
@@ -168,6 +206,10 @@ def bench(
                 keep_freed_memory()  # what the command line does for a CPU run
             fit(net, timed, epochs=1, device=device, progress=False, best=None)
         results[name], timed_steps[name] = _images_per_second(timed, warmup)
+    # The same model's inference on batches of the same shape, in the same process: what one trained
+    # image costs in forward passes (about 3 in FLOPs: a forward and a backward twice its size).
+    inference = inference_speed({model: net}, image_size=image_size, batch_size=batch_size,
+                                batches=max(2, steps // 2), device=device)[model]
     report = {
         "model": model,
         "device": str(device),
@@ -181,6 +223,8 @@ def bench(
         "skipped": list(checked.skipped),  # files no contender used (unreadable, or not an image type)
         "images_per_second": results,
         "setup_seconds": setup_seconds,
+        "inference_images_per_second": inference,
+        "forward_passes_per_trained_image": {k: inference / v for k, v in results.items()},
     }
     if "plain" in results:
         report["ratio_vs_plain"] = {k: v / results["plain"] for k, v in results.items() if k != "plain"}
@@ -203,4 +247,8 @@ def format_report(report: dict) -> str:
     for name, ips in report["images_per_second"].items():
         ratio = f"{ratios[name]:.2f}x" if name in ratios else "1.00x" if name == "plain" else "-"
         lines.append(f"{name:<10} {ips:9.1f} {ratio:>9} {report['setup_seconds'][name]:8.1f}")
+    if "inference_images_per_second" in report:
+        passes = report["forward_passes_per_trained_image"]
+        lines.append(f"inference {report['inference_images_per_second']:10.1f} images/s (eval, no grad): a trained "
+                     "image costs " + ", ".join(f"{v:.1f} ({k})" for k, v in passes.items()) + " forward passes")
     return "\n".join(lines)

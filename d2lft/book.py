@@ -23,7 +23,7 @@ import torch
 from d2lft.device import get_device, keep_freed_memory
 from d2lft.errors import ConfigError
 
-__all__ = ["Settings", "settings", "course_settings", "model_and_data", "shifted_dataset", "glue", "table", "mean_sd",
+__all__ = ["Settings", "settings", "course_settings", "model_and_data", "shifted_dataset", "glue", "table", "mean_sd", "pm",
            "Difference", "paired_difference"]
 
 
@@ -128,6 +128,16 @@ def mean_sd(values: Sequence[float]) -> tuple[float, float]:
     """
     values = [float(v) for v in values]
     return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
+
+
+def pm(values: Sequence[float], *, digits: int = 3) -> str:
+    """Results over seeds as the text "mean ± sd", for tables and prose.
+
+    >>> pm([0.9, 0.92, 0.94])
+    '0.920 ± 0.020'
+    """
+    mean, sd = mean_sd(values)
+    return f"{mean:.{digits}f} ± {sd:.{digits}f}"
 
 
 @dataclass(frozen=True)

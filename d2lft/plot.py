@@ -36,6 +36,7 @@ __all__ = [
     "plot_confusion_matrix",
     "plot_filters",
     "plot_bars",
+    "plot_against",
     "plot_trainable",
 ]
 
@@ -457,6 +458,50 @@ def plot_bars(
     if title:
         ax.set_title(title, fontsize="medium")
     ax.margins(y=0.15)
+    return ax
+
+
+def plot_against(
+    x: Sequence[float],
+    series: Mapping[str, tuple[Sequence[float], Sequence[float] | None]],
+    *,
+    labels: Sequence[str] | None = None,
+    ax: Any = None,
+    xlabel: str = "",
+    ylabel: str = "",
+    title: str | None = None,
+) -> Any:
+    """One marker per point and series, with error bars: e.g. accuracy against ImageNet top-1.
+
+    `series` maps a name to ``(means, sds)`` (``sds`` may be None), one value per `x`; `labels`
+    names the points (written beside the first series' markers).
+
+    >>> import matplotlib.pyplot as plt
+    >>> ax = plot_against([75.1, 77.6], {"probe": ([0.93, 0.91], [0.01, 0.02])}, labels=["a", "b"])
+    >>> [t.get_text() for t in ax.texts], ax.get_legend().texts[0].get_text()
+    (['a', 'b'], 'probe')
+    >>> plt.close(ax.figure)
+    """
+    if not series:
+        raise ConfigError("plot_against: series is empty; pass {name: (means, sds)}")
+    xs = _as_floats(x)
+    ax = _new_axes(ax, figsize=(4.5, 3.2))
+    markers = "osD^v<>"
+    for k, (name, (means, sds)) in enumerate(series.items()):
+        ys = _as_floats(means)
+        if len(ys) != len(xs):
+            raise ConfigError(f"plot_against: series {name!r} has {len(ys)} values for {len(xs)} x values")
+        yerr = None if sds is None else _as_floats(sds)
+        ax.errorbar(xs, ys, yerr=yerr, fmt=markers[k % len(markers)], capsize=3, label=name)
+        if k == 0 and labels is not None:
+            for xi, yi, text in zip(xs, ys, labels):
+                ax.annotate(text, (xi, yi), textcoords="offset points", xytext=(5, 4), fontsize="small")
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    if title:
+        ax.set_title(title)
+    ax.legend(fontsize="small")
+    ax.grid(alpha=0.3)
     return ax
 
 

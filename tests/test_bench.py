@@ -26,7 +26,11 @@ def test_bench_runs_all_contenders_and_reports_ratios(tmp_path):
     assert all(v > 0 for v in report["images_per_second"].values())
     assert set(report["ratio_vs_plain"]) == {"fit_plain", "fit"}
     assert report["timed_steps"] == {"plain": 3, "fit_plain": 3, "fit": 3}
-    assert "plain" in format_report(report)
+    # inference of the same model on batches of the same shape: a trained image costs more than one pass
+    assert report["inference_images_per_second"] > 0
+    assert set(report["forward_passes_per_trained_image"]) == {"plain", "fit_plain", "fit"}
+    assert all(v > 1 for v in report["forward_passes_per_trained_image"].values()), report
+    assert "plain" in format_report(report) and "forward passes" in format_report(report)
 
 
 def test_bench_reports_fewer_steps_when_the_data_runs_out(tmp_path):
