@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import importlib
 
+from d2lft.averaging import EMA, greedy_soup, interpolate, uniform_soup
 from d2lft.callbacks import EarlyStopping
 from d2lft.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from d2lft.data import ImageFolderData, image_folders
@@ -62,6 +63,8 @@ __all__ = [
     # metrics, imbalance, ensembles
     "accuracy", "confusion_matrix", "per_class_recall", "balanced_accuracy", "class_counts", "class_weights",
     "balanced_sampler", "imbalanced_subset", "average_predictions",
+    # the fine-tuning toolbox: averaging weights
+    "EMA", "interpolate", "uniform_soup", "greedy_soup",
     # errors a user can fix
     "D2LFTError", "ConfigError", "BadImageError", "DownloadError", "DatasetNotAvailableError", "CheckpointError",
     "WeightsUnavailableError",
