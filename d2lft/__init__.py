@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import importlib
 
+from d2lft import calibration  # ft.calibration.reliability, .expected_calibration_error, .fit_temperature
 from d2lft.averaging import EMA, greedy_soup, interpolate, uniform_soup
 from d2lft.callbacks import EarlyStopping
 from d2lft.checkpoint import CheckpointError, load_checkpoint, save_checkpoint

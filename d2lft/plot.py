@@ -34,6 +34,7 @@ __all__ = [
     "plot_schedules",
     "show_images",
     "plot_confusion_matrix",
+    "plot_reliability",
     "plot_filters",
     "plot_bars",
     "plot_against",
@@ -411,6 +412,41 @@ def plot_confusion_matrix(
     accuracy = np.trace(counts) / max(counts.sum(), 1)
     ax.set_title(f"accuracy {accuracy:.1%} ({counts.sum()} images)", fontsize="medium")
     ax.figure.colorbar(image, ax=ax, fraction=0.046, pad=0.04)
+    return ax
+
+
+def plot_reliability(reliability: Any, *, ax: Any = None, label: str | None = None) -> Any:
+    """A reliability diagram: accuracy against confidence per bin, the diagonal a calibrated model follows.
+
+    `reliability` is what ``d2lft.calibration.reliability(targets, probs)`` returns. Each bar is
+    a bin's accuracy (empty bins have none); the red part up to its mean confidence is the gap
+    (above the bar: overconfident). The title gives the expected calibration error; `label`
+    names the model in it.
+
+    >>> import matplotlib.pyplot as plt
+    >>> from d2lft.calibration import reliability
+    >>> ax = plot_reliability(reliability([0, 0, 0, 1], torch.tensor([[0.9, 0.1]] * 4), bins=5))
+    >>> [round(float(p.get_height()), 2) for p in ax.patches], ax.get_title()
+    ([0.75, 0.15], 'ECE 15.0%')
+    >>> plt.close(ax.figure)
+    """
+    edges = list(reliability.edges)
+    filled = [b for b, n in enumerate(reliability.counts) if n]
+    lefts = [edges[b] for b in filled]
+    widths = [edges[b + 1] - edges[b] for b in filled]
+    accuracy = [reliability.accuracy[b] for b in filled]
+    gaps = [reliability.confidence[b] - reliability.accuracy[b] for b in filled]
+    ax = _new_axes(ax, figsize=(3.6, 3.4))
+    ax.bar(lefts, accuracy, width=widths, align="edge", color="C0", edgecolor="white", label="accuracy")
+    ax.bar(lefts, gaps, bottom=accuracy, width=widths, align="edge", color="C3", alpha=0.35, edgecolor="C3",
+           label="gap to confidence")
+    ax.plot([0, 1], [0, 1], "k--", linewidth=1, label="calibrated")
+    ax.set_xlim(0, 1)
+    ax.set_ylim(0, 1)
+    ax.set_xlabel("confidence")
+    ax.set_ylabel("accuracy")
+    ax.set_title(f"{label + ': ' if label else ''}ECE {reliability.ece:.1%}", fontsize="medium")
+    ax.legend(fontsize="small", loc="upper left")
     return ax
 
 

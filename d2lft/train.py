@@ -178,12 +178,14 @@ def evaluate(net: nn.Module, loader: Iterable, *, device: str | torch.device | N
 
 @torch.no_grad()
 def predict(net: nn.Module, loader: Iterable, *, device: str | torch.device | None = None,
-            task: str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+            task: str | None = None, logits: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """``(outputs, targets)`` for everything in `loader`, on the CPU.
 
     Outputs are class probabilities (softmax) for classification, raw values for regression;
-    `task` None means classification when the net has more than one output. Targets are empty
-    when the loader yields images only. Eval mode, no gradients; layer modes are restored.
+    `task` None means classification when the net has more than one output. ``logits=True``
+    returns the raw outputs of a classifier too (what `d2lft.calibration.fit_temperature` fits).
+    Targets are empty when the loader yields images only. Eval mode, no gradients; layer modes
+    are restored.
 
     >>> from torch.utils.data import DataLoader, TensorDataset
     >>> data = DataLoader(TensorDataset(torch.zeros(3, 4), torch.tensor([0, 1, 1])), batch_size=2)
@@ -197,7 +199,7 @@ def predict(net: nn.Module, loader: Iterable, *, device: str | torch.device | No
     for out, y in eval_outputs(net, loader, runner=runner):
         out = out.float()
         classify = task == "classification" or (task is None and out.ndim == 2 and out.shape[1] > 1)
-        outputs.append((out.softmax(1) if classify else out).cpu())
+        outputs.append((out.softmax(1) if classify and not logits else out).cpu())
         if y is not None:
             targets.append(y.cpu())
     if not outputs:
