@@ -35,7 +35,7 @@ from d2lft.freeze import (GradualUnfreezing, count_parameters, freeze, freeze_ba
                           train_last, trainable_blocks, unfreeze)
 from d2lft.images import BadImageError, is_image_file, load_image
 from d2lft.imbalance import balanced_sampler, class_counts, class_weights, imbalanced_subset
-from d2lft.inference import classify
+from d2lft.inference import TTA, classify
 from d2lft.metrics import accuracy, balanced_accuracy, confusion_matrix, per_class_recall
 from d2lft.models import WeightsUnavailableError, create_model, list_models, replace_head, summary
 from d2lft.net import Net, Preprocessing
@@ -65,7 +65,7 @@ __all__ = [
     "accuracy", "confusion_matrix", "per_class_recall", "balanced_accuracy", "class_counts", "class_weights",
     "balanced_sampler", "imbalanced_subset", "average_predictions",
     # the fine-tuning toolbox: averaging weights
-    "EMA", "interpolate", "uniform_soup", "greedy_soup",
+    "EMA", "interpolate", "uniform_soup", "greedy_soup", "TTA",
     # errors a user can fix
     "D2LFTError", "ConfigError", "BadImageError", "DownloadError", "DatasetNotAvailableError", "CheckpointError",
     "WeightsUnavailableError",

@@ -1,18 +1,21 @@
-"""Direct application: what a pretrained classifier says about a few images."""
+"""Direct application: what a pretrained classifier says about a few images; test-time augmentation."""
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from pathlib import Path
 
 import torch
 from PIL import Image
+from torch import nn
+from torchvision.transforms.v2 import functional as TF
 
 from d2lft.errors import ConfigError
 from d2lft.images import BadImageError, load_image
 from d2lft.loop import Runner, eval_outputs
 from d2lft.net import Net
 
-__all__ = ["classify", "export"]
+__all__ = ["classify", "export", "TTA"]
 
 
 @torch.no_grad()
@@ -95,3 +98,48 @@ def export(net: Net, path: str | Path) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     torch.export.save(program, path, extra_files={"d2lft.json": json.dumps(meta)})
     return path
+
+
+class TTA(nn.Module):
+    """`net` with test-time augmentation: the class probabilities averaged over flipped (and cropped) views.
+
+    The views of a batch are the images and, with `flip`, their mirror images; with
+    `crop_fraction`, also the four corner crops and the centre crop of that fraction of the side,
+    each resized back to the input size (and flipped too). ``forward`` returns the log of the
+    averaged probabilities: valid logits, so the wrapper goes wherever a net goes, and
+    ``ft.predict(TTA(net), loader)`` gives the averaged probabilities, ``ft.evaluate(TTA(net),
+    loader)`` their accuracy and log-loss. Each view costs one forward pass. TTA can turn right
+    predictions wrong as well as wrong ones right (Shanmugam et al., 2021): count both with
+    `d2lft.metrics.prediction_changes`.
+
+    >>> net = nn.Sequential(nn.Conv2d(3, 2, 3), nn.AdaptiveAvgPool2d(1), nn.Flatten())
+    >>> x = torch.randn(4, 3, 16, 16)
+    >>> tta = TTA(net)
+    >>> mean = (net(x).softmax(1) + net(x.flip(-1)).softmax(1)) / 2
+    >>> torch.allclose(tta(x).exp(), mean, atol=1e-6), len(TTA(net, crop_fraction=0.8).views(x))
+    (True, 12)
+    """
+
+    def __init__(self, net: nn.Module, *, flip: bool = True, crop_fraction: float | None = None) -> None:
+        super().__init__()
+        if crop_fraction is not None and not (isinstance(crop_fraction, (int, float)) and 0 < crop_fraction < 1):
+            raise ConfigError(f"TTA: crop_fraction must be None (no crops) or a fraction in (0, 1) such as 0.875, "
+                              f"got {crop_fraction!r}")
+        self.net = net
+        self.flip = bool(flip)
+        self.crop_fraction = crop_fraction
+
+    def views(self, x: torch.Tensor) -> list[torch.Tensor]:
+        """The augmented copies of a batch ``(B, C, H, W)``, the batch itself first."""
+        views = [x]
+        if self.crop_fraction is not None:
+            h, w = x.shape[-2:]
+            size = [max(1, round(h * self.crop_fraction)), max(1, round(w * self.crop_fraction))]
+            views += [TF.resize(crop, [h, w], antialias=True) for crop in TF.five_crop(x, size)]
+        if self.flip:
+            views += [v.flip(-1) for v in views]
+        return views
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        log_probs = torch.stack([self.net(v).float().log_softmax(1) for v in self.views(x)])
+        return torch.logsumexp(log_probs, dim=0) - math.log(len(log_probs))  # log of the mean probability

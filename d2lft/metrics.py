@@ -17,7 +17,7 @@ from torch import nn
 
 from d2lft.errors import ConfigError
 
-__all__ = ["TASKS", "accuracy", "confusion_matrix", "per_class_recall", "balanced_accuracy"]
+__all__ = ["TASKS", "accuracy", "confusion_matrix", "per_class_recall", "balanced_accuracy", "prediction_changes"]
 
 TASKS = ("classification", "regression")
 
@@ -118,3 +118,20 @@ def balanced_accuracy(targets: Any, predictions: Any, num_classes: int) -> float
     """
     recall = per_class_recall(targets, predictions, num_classes)
     return float(recall[~recall.isnan()].mean())
+
+
+def prediction_changes(targets: Any, before: Any, after: Any) -> dict[str, int]:
+    """How many predictions a change (test-time augmentation, another model) turns right or wrong.
+
+    Counts of ``"wrong_to_right"``, ``"right_to_wrong"``, ``"both_right"`` and ``"both_wrong"``;
+    the accuracy changes by ``(wrong_to_right - right_to_wrong) / N``, which hides how many
+    predictions moved each way (Shanmugam et al., 2021, on test-time augmentation).
+
+    >>> prediction_changes([0, 1, 1, 0], before=[0, 0, 1, 1], after=[1, 1, 1, 1])
+    {'wrong_to_right': 1, 'right_to_wrong': 1, 'both_right': 1, 'both_wrong': 1}
+    """
+    t, b = _pair(targets, before, where="prediction_changes")
+    _, a = _pair(targets, after, where="prediction_changes")
+    was, now = b == t, a == t
+    return {"wrong_to_right": int((~was & now).sum()), "right_to_wrong": int((was & ~now).sum()),
+            "both_right": int((was & now).sum()), "both_wrong": int((~was & ~now).sum())}
