@@ -42,7 +42,7 @@ from d2lft.net import Net, Preprocessing
 from d2lft.optim import LRFindResult, lr_find, make_optimizer, make_scheduler, param_groups, schedule_curve
 from d2lft.recipes import STRATEGIES, fine_tune
 from d2lft.train import History, evaluate, fit, predict
-from d2lft.transforms import AUGMENT_PRESETS, train_transform
+from d2lft.transforms import AUGMENT_PRESETS, mix_collate, train_transform
 
 __version__ = "0.1.0"
 
@@ -65,7 +65,7 @@ __all__ = [
     "accuracy", "confusion_matrix", "per_class_recall", "balanced_accuracy", "class_counts", "class_weights",
     "balanced_sampler", "imbalanced_subset", "average_predictions",
     # the fine-tuning toolbox: averaging weights
-    "EMA", "interpolate", "uniform_soup", "greedy_soup", "TTA",
+    "EMA", "interpolate", "uniform_soup", "greedy_soup", "TTA", "mix_collate",
     # errors a user can fix
     "D2LFTError", "ConfigError", "BadImageError", "DownloadError", "DatasetNotAvailableError", "CheckpointError",
     "WeightsUnavailableError",

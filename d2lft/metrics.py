@@ -39,9 +39,22 @@ def metric_name(task: str) -> str:
 
 
 def batch_score(outputs: torch.Tensor, targets: torch.Tensor, task: str) -> torch.Tensor:
-    """Correct predictions (classification) or the summed absolute error (regression), on the device."""
+    """Correct predictions (classification) or the summed absolute error (regression), on the device.
+
+    Soft targets ``(B, C)`` (MixUp, CutMix: `d2lft.transforms.mix_collate`) score the target
+    probability of each predicted class, which for one-hot targets is the number correct.
+
+    >>> outputs = torch.tensor([[2.0, 1.0], [0.0, 3.0]])
+    >>> batch_score(outputs, torch.tensor([0, 0]), "classification").item()
+    1
+    >>> round(batch_score(outputs, torch.tensor([[0.7, 0.3], [0.6, 0.4]]), "classification").item(), 4)
+    1.1
+    """
     if task == "classification":
-        return (outputs.argmax(1) == targets).sum()
+        predicted = outputs.argmax(1)
+        if targets.ndim == 2:
+            return targets.float().gather(1, predicted[:, None]).sum()
+        return (predicted == targets).sum()
     return (outputs.detach().float() - targets).abs().sum()
 
 
