@@ -31,8 +31,8 @@ from d2lft.download import DownloadError
 from d2lft.ensemble import average_predictions
 from d2lft.errors import ConfigError, D2LFTError
 from d2lft.features import domain_shift, extract_features, feature_loaders, probe
-from d2lft.freeze import (GradualUnfreezing, count_parameters, freeze, freeze_batchnorm, set_train_mode, train_blocks,
-                          train_last, trainable_blocks, unfreeze)
+from d2lft.freeze import (GradualUnfreezing, count_parameters, freeze, freeze_batchnorm, set_train_mode,
+                          train_bias_and_norm, train_blocks, train_last, trainable_blocks, unfreeze)
 from d2lft.images import BadImageError, is_image_file, load_image
 from d2lft.imbalance import balanced_sampler, class_counts, class_weights, imbalanced_subset
 from d2lft.inference import TTA, classify
@@ -40,6 +40,7 @@ from d2lft.metrics import accuracy, balanced_accuracy, confusion_matrix, per_cla
 from d2lft.models import WeightsUnavailableError, create_model, list_models, replace_head, summary
 from d2lft.net import Net, Preprocessing
 from d2lft.optim import LRFindResult, lr_find, make_optimizer, make_scheduler, param_groups, schedule_curve
+from d2lft.peft import add_lora, merge_lora
 from d2lft.recipes import STRATEGIES, fine_tune
 from d2lft.train import History, evaluate, fit, predict
 from d2lft.transforms import AUGMENT_PRESETS, mix_collate, train_transform
@@ -65,7 +66,8 @@ __all__ = [
     "accuracy", "confusion_matrix", "per_class_recall", "balanced_accuracy", "class_counts", "class_weights",
     "balanced_sampler", "imbalanced_subset", "average_predictions",
     # the fine-tuning toolbox: averaging weights
-    "EMA", "interpolate", "uniform_soup", "greedy_soup", "TTA", "mix_collate",
+    "EMA", "interpolate", "uniform_soup", "greedy_soup", "TTA", "mix_collate", "train_bias_and_norm", "add_lora",
+    "merge_lora",
     # errors a user can fix
     "D2LFTError", "ConfigError", "BadImageError", "DownloadError", "DatasetNotAvailableError", "CheckpointError",
     "WeightsUnavailableError",

@@ -28,6 +28,7 @@ __all__ = [
     "unfreeze",
     "train_last",
     "train_blocks",
+    "train_bias_and_norm",
     "count_parameters",
     "set_train_mode",
     "freeze_batchnorm",
@@ -146,6 +147,38 @@ def train_blocks(net: Net, start: int, stop: int | None = None) -> None:
     freeze(net.backbone)
     for _, block in chosen:
         unfreeze(block)
+    unfreeze(net.head)
+
+
+_NORMS = (_BatchNorm, nn.LayerNorm, nn.GroupNorm)
+
+
+def train_bias_and_norm(net: Net) -> None:
+    """Train only the biases, the normalisation layers and the head; freeze every other weight.
+
+    BitFit (Ben Zaken et al., 2022) fine-tunes the biases alone; convolutional nets with
+    BatchNorm usually have no convolution biases, and their BatchNorm scales and shifts play
+    that role, so both train here (about 1 % of the weights of a ResNet or EfficientNet). The
+    normalisation layers keep learning their statistics too (`set_train_mode` leaves them in
+    train mode because their parameters train).
+
+    >>> backbone = nn.Sequential(nn.Conv2d(3, 4, 3, bias=False), nn.BatchNorm2d(4), nn.Conv2d(4, 4, 1),
+    ...                          nn.AdaptiveAvgPool2d(1), nn.Flatten())
+    >>> net = Net(backbone, nn.Linear(4, 2), blocks=["0", "2"], num_features=4, name="toy")
+    >>> train_bias_and_norm(net)
+    >>> [n for n, p in net.named_parameters() if p.requires_grad]
+    ['backbone.1.weight', 'backbone.1.bias', 'backbone.2.bias', 'head.weight', 'head.bias']
+    """
+    if not isinstance(net, Net):
+        raise ConfigError(f"train_bias_and_norm: expected a d2lft.Net (it needs to know the head), got "
+                          f"{type(net).__name__}")
+    freeze(net.backbone)
+    for module in net.backbone.modules():
+        if isinstance(module, _NORMS):
+            unfreeze(module)
+        bias = getattr(module, "bias", None)
+        if isinstance(bias, nn.Parameter):
+            bias.requires_grad_(True)
     unfreeze(net.head)
 
 
