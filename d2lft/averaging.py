@@ -52,6 +52,8 @@ class EMA:
     loader)``) and ``ema.copy_to(net)`` puts its weights into `net`. The average follows every
     step of the run: `fit`'s ``best=`` does not apply to it. A second `fit` with the same `EMA`
     continues the same average; make a new one to start over. Checkpoints save and restore it.
+    Cost: one more copy of the weights on the device, and one update per step (``AveragedModel``
+    reads its step count on the host, so on a GPU each update waits for the step to finish).
 
     >>> from torch.utils.data import DataLoader, TensorDataset
     >>> from d2lft.train import fit
