@@ -10,6 +10,14 @@ the seeds change only the head's initialisation and the order of the cached batc
 
     D2LFT_DATA_DIR=../shared/data python experiments/transfer.py speed
     D2LFT_DATA_DIR=../shared/data python experiments/transfer.py probe --models efficientnet_lite0 ...
+    D2LFT_DATA_DIR=../shared/data python experiments/transfer.py finetune --seeds 3
+
+The finetune phase runs what ``ft.fine_tune``'s ``auto`` runs when it fine-tunes, for every
+backbone on both datasets: lp-ft for ``AUTO_EPOCHS`` epochs at the image size ``d2lft finetune``
+picks (``auto_image_size``: the model's own, or twice a small image's side), the epoch and the phase
+chosen on a hold-out of 20 % of each class of train/ (``selection_split``), val/ evaluated once at
+the end; augmentation "overhead" for the tiles and "crop+flip" for the photos. Beside it, on the same
+images and size, the probe of ``auto``'s other branch (30 epochs on cached features, last epoch).
 
 Each phase updates experiments/transfer.json in place (one backbone at a time), so a long run
 can be split. Timings on a shared machine are noisy: the speed phase times all backbones in
@@ -29,6 +37,7 @@ import torch
 
 import d2lft as ft
 from d2lft.device import set_seed
+from d2lft.recipes import AUTO_EPOCHS, selection_split
 
 BACKBONES = ("efficientnet_lite0", "efficientnet_lite1", "efficientnet_lite2", "mobilenet_v2")
 DATASETS = ("hymenoptera_data", "eurosat_small")
@@ -85,6 +94,30 @@ def probe_accuracies(net: ft.Net, root: Path, *, seeds: list[int], image_size: i
     return accs, seconds
 
 
+def finetune_run(name: str, root: Path, *, seed: int, augment: str) -> dict:
+    """One backbone, one dataset, one seed: the probe and lp-ft of ``auto``, val/ reported once each."""
+    from d2lft.cli import auto_image_size
+
+    set_seed(seed)
+    net = ft.create_model(name)
+    size = auto_image_size(root, net.image_size)
+    data = ft.image_folders(root, net, image_size=size, batch_size=32, progress=False)
+    start = time.perf_counter()
+    probe = ft.create_model(name, num_classes=len(data.classes))
+    ft.fine_tune(probe, data, strategy="probe", best=None, seed=seed, progress=False, device="cpu")
+    probe_acc = ft.evaluate(probe, data.val, device="cpu")["acc"]
+    probe_seconds = time.perf_counter() - start
+    ft.replace_head(net, len(data.classes))
+    start = time.perf_counter()
+    select, where = selection_split(data.with_augment(augment), seed=seed)
+    history = ft.fine_tune(net, select, strategy="lp-ft", epochs=AUTO_EPOCHS, seed=seed, progress=False,
+                           device="cpu")
+    acc = ft.evaluate(net, data.val, device="cpu")["acc"]
+    return {"seed": seed, "image_size": size, "augment": augment, "probe_acc": probe_acc,
+            "probe_seconds": probe_seconds, "lpft_acc": acc, "lpft_seconds": time.perf_counter() - start,
+            "kept": history.kept, "selected_on": where}
+
+
 def _save(path: Path, report: dict) -> None:
     path.write_text(json.dumps(report, indent=2) + "\n")
     print(f"wrote {path}", flush=True)
@@ -92,10 +125,11 @@ def _save(path: Path, report: dict) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("phase", choices=("speed", "probe"))
+    parser.add_argument("phase", choices=("speed", "probe", "finetune"))
     parser.add_argument("--models", nargs="+", default=list(BACKBONES), choices=BACKBONES)
     parser.add_argument("--json", type=Path, default=Path(__file__).with_name("transfer.json"))
     parser.add_argument("--seeds", type=int, default=3)
+    parser.add_argument("--datasets", nargs="+", default=list(DATASETS), choices=DATASETS, help="(finetune)")
     parser.add_argument("--rounds", type=int, default=3, help="interleaved timing rounds (speed)")
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args()
@@ -111,6 +145,20 @@ def main() -> None:
         _save(args.json, report)
         return
     seeds = list(range(args.seeds))
+    if args.phase == "finetune":
+        runs = report.setdefault("finetune", {})
+        for seed in seeds:  # every backbone's seed 0 first, so a cut-short run still compares them all
+            for name in args.models:
+                for dataset, augment in zip(DATASETS, ("crop+flip", "overhead")):
+                    if dataset not in args.datasets:
+                        continue
+                    done = runs.setdefault(name, {}).setdefault(dataset, [])
+                    if any(r["seed"] == seed for r in done):
+                        continue
+                    done.append(finetune_run(name, data_dir / dataset, seed=seed, augment=augment))
+                    print(name, dataset, json.dumps(done[-1]), flush=True)
+                    _save(args.json, report)
+        return
     report["probe_settings"] = {**PROBE, "seeds": seeds, "image_size": 224, "metric": "val_acc after the last epoch"}
     for name in args.models:
         net = ft.create_model(name)
