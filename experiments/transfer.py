@@ -36,6 +36,7 @@ from pathlib import Path
 import torch
 
 import d2lft as ft
+from d2lft.bench import inference_speed
 from d2lft.device import set_seed
 from d2lft.recipes import AUTO_EPOCHS, selection_split
 
@@ -44,34 +45,19 @@ DATASETS = ("hymenoptera_data", "eurosat_small")
 PROBE = {"epochs": 30, "lr": 3e-3, "weight_decay": 1e-4, "batch_size": 64}  # d2lft.fine_tune's probe
 
 
-@torch.no_grad()
-def images_per_second(net: ft.Net, size: int, *, batch_size: int = 32, batches: int = 2) -> float:
-    """Forward passes of random images at `size` px, after one untimed warm-up batch."""
-    net.eval()
-    x = torch.randn(batch_size, 3, size, size)
-    net(x)
-    start = time.perf_counter()
-    for _ in range(batches):
-        net(x)
-    return batch_size * batches / (time.perf_counter() - start)
-
-
 def speed(models: list[str], *, rounds: int) -> dict[str, dict]:
-    """Parameters and images/s (median over `rounds` interleaved rounds) at the native size and 224 px."""
+    """Parameters and inference images/s (`d2lft.bench.inference_speed`: the nets take turns, median over
+    `rounds`) at each net's own size and at 224 px."""
     nets = {name: ft.create_model(name) for name in models}
-    runs: dict[tuple[str, int], list[float]] = {}
-    for _ in range(rounds):
-        for name, net in nets.items():
-            for size in sorted({net.image_size, 224}):
-                runs.setdefault((name, size), []).append(images_per_second(net, size))
+    native = inference_speed(nets, rounds=rounds, device="cpu")
+    at_224 = inference_speed(nets, image_size=224, rounds=rounds, device="cpu")
     return {
         name: {
             "imagenet_top1": net.meta["imagenet_top1"],
             "params": sum(p.numel() for p in net.parameters()),
             "image_size": net.image_size,
-            "images_per_s_native": statistics.median(runs[name, net.image_size]),
-            "images_per_s_224": statistics.median(runs[name, 224]),
-            "images_per_s_runs": {str(size): runs[name, size] for size in sorted({net.image_size, 224})},
+            "images_per_s_native": native[name],
+            "images_per_s_224": at_224[name],
         }
         for name, net in nets.items()
     }
