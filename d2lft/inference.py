@@ -34,7 +34,8 @@ def classify(
     still classified (as ``asyncio.gather(..., return_exceptions=True)`` does), which is what
     ``d2lft predict good.jpg empty.jpg`` needs to report the bad file and go on.
 
-    By default the model sees the whole centre square of each photo (``crop_fraction=1.0``): a
+    A net that carries ``tta`` (loaded from a run that chose test-time augmentation) averages
+    its views (`TTA`). By default the model sees the whole centre square of each photo (``crop_fraction=1.0``): a
     photo given for prediction is framed by a person, so its borders are kept; 0.875 is the
     standard evaluation crop (see `Net.transforms`).
 
@@ -62,7 +63,8 @@ def classify(
             results.append(err)
     if not tensors:
         return results
-    (logits, _), = eval_outputs(net, [torch.stack(tensors)], runner=Runner.for_net(net))
+    model = TTA(net, **net.tta) if getattr(net, "tta", None) else net
+    (logits, _), = eval_outputs(model, [torch.stack(tensors)], runner=Runner.for_net(net))
     probs = logits.float().softmax(dim=1).cpu()
     values, indices = probs.topk(topk, dim=1)
     labels = iter(
@@ -105,7 +107,9 @@ class TTA(nn.Module):
 
     The views of a batch are the images and, with `flip`, their mirror images; with
     `crop_fraction`, also the four corner crops and the centre crop of that fraction of the side,
-    each resized back to the input size (and flipped too). ``forward`` returns the log of the
+    each resized back to the input size (and flipped too); with `rotate`, every view also turned
+    by 90, 180 and 270 degrees (for images with no up, such as satellite tiles: with `flip`, the
+    8 symmetries of the square, which the "overhead" augmentation trains for). ``forward`` returns the log of the
     averaged probabilities: valid logits, so the wrapper goes wherever a net goes, and
     ``ft.predict(TTA(net), loader)`` gives the averaged probabilities, ``ft.evaluate(TTA(net),
     loader)`` their accuracy and log-loss. Each view costs one forward pass. TTA can turn right
@@ -118,15 +122,19 @@ class TTA(nn.Module):
     >>> mean = (net(x).softmax(1) + net(x.flip(-1)).softmax(1)) / 2
     >>> torch.allclose(tta(x).exp(), mean, atol=1e-6), len(TTA(net, crop_fraction=0.8).views(x))
     (True, 12)
+    >>> len(TTA(net, rotate=True).views(x))
+    8
     """
 
-    def __init__(self, net: nn.Module, *, flip: bool = True, crop_fraction: float | None = None) -> None:
+    def __init__(self, net: nn.Module, *, flip: bool = True, rotate: bool = False,
+                 crop_fraction: float | None = None) -> None:
         super().__init__()
         if crop_fraction is not None and not (isinstance(crop_fraction, (int, float)) and 0 < crop_fraction < 1):
             raise ConfigError(f"TTA: crop_fraction must be None (no crops) or a fraction in (0, 1) such as 0.875, "
                               f"got {crop_fraction!r}")
         self.net = net
         self.flip = bool(flip)
+        self.rotate = bool(rotate)
         self.crop_fraction = crop_fraction
 
     def views(self, x: torch.Tensor) -> list[torch.Tensor]:
@@ -138,6 +146,8 @@ class TTA(nn.Module):
             views += [TF.resize(crop, [h, w], antialias=True) for crop in TF.five_crop(x, size)]
         if self.flip:
             views += [v.flip(-1) for v in views]
+        if self.rotate:
+            views += [torch.rot90(v, k, dims=(-2, -1)) for k in (1, 2, 3) for v in views]
         return views
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -62,6 +62,23 @@ def test_evaluate_on_tta_reports_the_accuracy_and_log_loss_of_the_averaged_proba
     assert result["loss"] == pytest.approx(nn.functional.nll_loss(probs.log(), y).item(), rel=1e-5)
 
 
+def test_rotate_adds_the_right_angle_turns_the_8_symmetries_of_the_square():
+    net, x = staged_net(3).eval(), torch.randn(2, 3, 12, 12)
+    tta = TTA(net, rotate=True)
+    views = tta.views(x)
+    assert len(views) == 8
+    # all 8 views differ: the identity, 3 rotations, and each of the 4 mirrored
+    assert len({tuple(v.flatten().tolist()) for v in views}) == 8
+    turned = [torch.rot90(x, k, dims=(-2, -1)) for k in range(4)]
+    want_views = turned + [v.flip(-1) for v in turned]
+    with torch.no_grad():
+        want = torch.stack([net(v).softmax(1) for v in want_views]).mean(0)
+        assert torch.allclose(tta(x).exp(), want, atol=1e-6)
+        # an image and its turned copy get the same averaged prediction
+        assert torch.allclose(tta(torch.rot90(x, 1, dims=(-2, -1))).exp(), tta(x).exp(), atol=1e-5)
+    assert len(TTA(net, flip=False, rotate=True).views(x)) == 4
+
+
 def test_tta_refuses_a_crop_fraction_outside_0_1():
     with pytest.raises(ConfigError, match="crop_fraction must be None"):
         TTA(staged_net(), crop_fraction=1.5)
