@@ -274,6 +274,8 @@ def load_finetuned(path: str | Path) -> Net:
     net = create_model(name, num_classes=len(classes), pretrained=False)
     _restore(path, data, net, best=True)  # the weights the run handed back, not its last epoch's
     net.categories = list(classes)
+    tta = extra.get("tta")  # the test-time augmentation the run chose, which classify applies
+    net.tta = {k: bool(v) for k, v in tta.items() if k in ("flip", "rotate")} if isinstance(tta, Mapping) else None
     saved = extra.get("preprocessing")
     if isinstance(saved, dict):
         fields = {f.name for f in dataclasses.fields(Preprocessing)}

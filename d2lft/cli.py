@@ -129,7 +129,9 @@ def run_finetune(
     if checkpoint is not None:
         with _shielded():
             _save_run(checkpoint, net=net, history=history, fine_tuned=tuned > 0,
-                      extra={**extra, "finished": not history.halted, "stop_reason": history.stop_reason})
+                      extra={**extra, "finished": not history.halted, "stop_reason": history.stop_reason,
+                             "tta": history.tta})  # d2lft predict averages the views the run chose
+    net.tta = history.tta  # the report is of the model as it will predict
     validation = _validate(net, data, data_dir, device) if len(history) else {}
     tuned_seconds = sum(history.seconds[history.probe_epochs:])
     return {
@@ -144,6 +146,7 @@ def run_finetune(
         "domain_shift": None if history.domain_shift is None else round(history.domain_shift, 3),
         "decision": history.decision,
         "kept": history.kept,
+        "tta": history.tta,  # test-time augmentation chosen where the epoch was ({"flip", "rotate"}), or None
         "epochs": tuned,  # of training the backbone too (0 for a probe)
         "probe_epochs": history.probe_epochs,  # of training the head alone, on cached features
         "stop_reason": history.stop_reason,  # None for a run that did all its epochs
@@ -191,10 +194,11 @@ def auto_image_size(data_dir: str | Path, model_size: int, *, val_split: float |
 def _validate(net, data, data_dir: str | Path, device) -> dict:
     """Accuracy, recall per class, confusion matrix and the misclassified files of `net` on val/ (one pass)."""
     from d2lft.images import printable_path
+    from d2lft.inference import TTA
     from d2lft.metrics import accuracy, confusion_matrix, per_class_recall
     from d2lft.train import predict
 
-    probs, targets = predict(net, data.val, device=device)
+    probs, targets = predict(TTA(net, **net.tta) if net.tta else net, data.val, device=device)
     predicted, classes = probs.argmax(1), data.classes
     recall = per_class_recall(targets, predicted, len(classes)).tolist()
     wrong = [{"path": printable_path(os.path.relpath(path, data_dir)), "true": classes[int(targets[i])],

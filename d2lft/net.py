@@ -112,6 +112,10 @@ class Net(nn.Module):
         categories: class names of the current head (ImageNet names for the original head).
         meta: facts about the weights (published ImageNet top-1, source, licence ...).
 
+    A net loaded from a ``d2lft finetune`` run (`d2lft.load_finetuned`) also carries ``tta``: the
+    test-time augmentation that run chose (`d2lft.TTA`'s options), which `d2lft.classify`
+    applies; None (the default) for one view.
+
     Example:
         >>> backbone = nn.Sequential(nn.Conv2d(3, 8, 3), nn.AdaptiveAvgPool2d(1), nn.Flatten())
         >>> net = Net(backbone, nn.Linear(8, 2), blocks=["0"], num_features=8, name="tiny")
@@ -140,6 +144,7 @@ class Net(nn.Module):
         self.preprocessing = preprocessing if preprocessing is not None else Preprocessing()
         self.categories = list(categories) if categories is not None else None
         self.meta = dict(meta or {})
+        self.tta: dict[str, bool] | None = None
         missing = [b for b in self.block_names if not hasattr(backbone, b)]
         if missing:
             raise ConfigError(f"Net {name!r}: the backbone has no child named {missing}")

@@ -84,6 +84,9 @@ class History:
     domain_shift: float | None = None
     selected_on: str | None = None
     decision: str | None = None
+    # "auto" when it fine-tunes: the test-time augmentation the run chose where it chose the epoch (None:
+    # the plain net validated better); predict as it validated with ``ft.TTA(net, **history.tta)``
+    tta: dict[str, bool] | None = None
 
     def __len__(self) -> int:
         return len(self.epoch)

@@ -195,6 +195,33 @@ def test_auto_probes_near_images_and_fine_tunes_far_ones_choosing_on_a_holdout(t
         assert seen == [4] and history.selected_on == recipes.HELD_OUT
 
 
+@pytest.mark.parametrize("tta_wins", [True, False])
+def test_auto_weighs_test_time_augmentation_on_the_holdout_and_keeps_it_only_when_it_validates_better(
+        tmp_path, monkeypatch, tta_wins):
+    from conftest import make_image_folder
+
+    from d2lft.inference import TTA
+
+    net, data = lite0_and_data(make_image_folder(tmp_path / "ten", per_class=10))
+    monkeypatch.setattr(recipes, "domain_shift", lambda *a, **k: 0.5)
+    monkeypatch.setattr(recipes, "_better", lambda *a: False)  # the fine-tuning phase is kept
+    seen = []  # (TTA or not, images) of every evaluation auto made after training
+
+    def fake_evaluate(model, loader, **kwargs):
+        seen.append((isinstance(model, TTA), len(loader.dataset)))
+        return {"loss": 0.5 if isinstance(model, TTA) == tta_wins else 0.6, "acc": 0.75}
+
+    monkeypatch.setattr(recipes, "evaluate", fake_evaluate)
+    history = fine_tune(net, data, epochs=1, **QUIET)
+    assert sorted(seen) == [(False, 4), (True, 4)]  # on the 4 held-out training images, never on val/
+    if tta_wins:  # "overhead", auto's augmentation for far images: flips and right-angle turns
+        assert history.tta == recipes.TTA_VIEWS["overhead"] == {"flip": True, "rotate": True}
+        assert "predicts with 8 views" in history.decision
+    else:
+        assert history.tta is None and "predicts with one view" in history.decision
+    assert History.from_dict(history.to_dict()).tta == history.tta
+
+
 def test_auto_refuses_a_learning_rate_it_would_not_use(tiny_folder, monkeypatch):
     net, data = lite0_and_data(tiny_folder)
     monkeypatch.setattr(recipes, "domain_shift", lambda *a, **k: 0.1)

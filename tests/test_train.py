@@ -354,6 +354,32 @@ def test_load_finetuned_reads_the_file_once_and_hands_back_the_best_weights(tmp_
     assert all(torch.equal(v, best[k]) for k, v in loaded.state_dict().items())  # what the run handed back
 
 
+def test_a_run_that_chose_tta_predicts_with_it_after_loading(tmp_path) -> None:
+    from matplotlib.cbook import get_sample_data
+
+    from d2lft.checkpoint import load_finetuned
+    from d2lft.inference import TTA, classify
+    from d2lft.models import create_model
+
+    photo = get_sample_data("grace_hopper.jpg", asfileobj=False)
+    torch.manual_seed(0)
+    net = create_model("efficientnet_lite0", num_classes=2).eval()
+    nn.init.normal_(net.head.weight, std=0.5)  # a head that tells the views apart
+    extra = {"classes": ["ants", "bees"], "model": "efficientnet_lite0"}
+    plain = load_finetuned(save_checkpoint(tmp_path / "plain.pt", net=net, extra=extra))
+    turned = load_finetuned(save_checkpoint(tmp_path / "tta.pt", net=net,
+                                            extra={**extra, "tta": {"flip": True, "rotate": True}}))
+    assert plain.tta is None and turned.tta == {"flip": True, "rotate": True}
+    from d2lft.images import load_image
+
+    x = turned.transforms(crop_fraction=1.0)(load_image(photo))[None]
+    with torch.no_grad():
+        want = TTA(net, flip=True, rotate=True)(x).exp()[0]
+    got = dict(classify(turned, [photo], topk=2)[0])
+    assert got["bees"] == pytest.approx(float(want[1]), abs=1e-5)
+    assert abs(dict(classify(plain, [photo], topk=2)[0])["bees"] - got["bees"]) > 1e-3
+
+
 class InterruptAt:
     """Callback: Ctrl-C at the start of one epoch."""
 
