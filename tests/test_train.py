@@ -354,6 +354,41 @@ def test_load_finetuned_reads_the_file_once_and_hands_back_the_best_weights(tmp_
     assert all(torch.equal(v, best[k]) for k, v in loaded.state_dict().items())  # what the run handed back
 
 
+def test_an_early_stopped_run_is_the_first_epochs_of_the_whole_run() -> None:
+    # chapter 7 replays EarlyStopping on a whole run's curve instead of training again; it scores each
+    # epoch with a callback that forks torch's generator (a DataLoader draws from it when it starts)
+    x, y = images()
+    val = loader(*images(seed=2))
+
+    class Score:
+        def __init__(self) -> None:
+            self.acc: list[float] = []
+
+        def on_epoch_end(self, run) -> None:
+            with torch.random.fork_rng(devices=[]):
+                self.acc.append(evaluate(run.net, loader(x, y), device="cpu")["acc"])
+
+    def run(**options):
+        torch.manual_seed(0)
+        net = tiny_net()
+        history = fit(net, loader(x, y, shuffle=True, seed=0), val, epochs=12, lr=0.3, scheduler="cosine",
+                      seed=0, **QUIET, **options)  # a fresh loader per run: the same batches
+        return net, history
+
+    score = Score()
+    _, whole = run(best=None, callbacks=[score])
+    stopped_net, stopped = run(early_stopping=1)
+    assert len(stopped) < len(whole)  # the stopper stopped: the comparison below is not vacuous
+    assert stopped.val_loss == whole.val_loss[:len(stopped)] and stopped.train_loss == whole.train_loss[:len(stopped)]
+    stopper = EarlyStopping(1, monitor="val_loss")
+    for epoch, value in enumerate(whole.val_loss, start=1):
+        stopper.update(value, epoch=epoch)
+        if stopper.should_stop:
+            break
+    assert (epoch, stopper.best_epoch) == (len(stopped), stopped.best_epoch)
+    assert evaluate(stopped_net, loader(x, y), device="cpu")["acc"] == score.acc[stopped.best_epoch - 1]
+
+
 def test_a_run_that_chose_tta_predicts_with_it_after_loading(tmp_path) -> None:
     from matplotlib.cbook import get_sample_data
 
