@@ -75,7 +75,8 @@ def run_finetune(
     continues an interrupted run from its last finished epoch, with its best weights and history.
 
     Returns a JSON-ready dict: val_acc, per_class_recall, confusion_matrix and misclassified (of the
-    model handed back, on val/), selected_on, kept, best_val_acc, epochs, probe_epochs,
+    model handed back, on val/, with the test-time augmentation it chose: tta), selected_on, kept,
+    best_val_acc, epochs, probe_epochs,
     train_seconds, images_per_second, skipped, model, strategy (and the settings used).
     """
     from d2lft.callbacks import Checkpoint
@@ -561,6 +562,9 @@ def _export(args: argparse.Namespace) -> int:
         export(net, args.out)
     print(f"wrote {args.out}: input (1, 3, {net.image_size}, {net.image_size}) normalised with mean {net.mean} "
           f"and std {net.std}; output logits for {net.categories}")
+    if net.tta:  # the file holds one view's network; the run's figures averaged several
+        print(f"note: the run predicted with test-time augmentation {net.tta} (d2lft.TTA); the exported network "
+              "sees one view: average the softmax of the views yourself to predict as it validated")
     return 0
 
 
