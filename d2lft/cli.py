@@ -195,11 +195,11 @@ def auto_image_size(data_dir: str | Path, model_size: int, *, val_split: float |
 def _validate(net, data, data_dir: str | Path, device) -> dict:
     """Accuracy, recall per class, confusion matrix and the misclassified files of `net` on val/ (one pass)."""
     from d2lft.images import printable_path
-    from d2lft.inference import TTA
+    from d2lft.inference import as_it_predicts
     from d2lft.metrics import accuracy, confusion_matrix, per_class_recall
     from d2lft.train import predict
 
-    probs, targets = predict(TTA(net, **net.tta) if net.tta else net, data.val, device=device)
+    probs, targets = predict(as_it_predicts(net), data.val, device=device)
     predicted, classes = probs.argmax(1), data.classes
     recall = per_class_recall(targets, predicted, len(classes)).tolist()
     wrong = [{"path": printable_path(os.path.relpath(path, data_dir)), "true": classes[int(targets[i])],

@@ -15,7 +15,7 @@ from d2lft.images import BadImageError, load_image
 from d2lft.loop import Runner, eval_outputs
 from d2lft.net import Net
 
-__all__ = ["classify", "export", "TTA"]
+__all__ = ["classify", "export", "TTA", "as_it_predicts"]
 
 
 @torch.no_grad()
@@ -63,8 +63,7 @@ def classify(
             results.append(err)
     if not tensors:
         return results
-    model = TTA(net, **net.tta) if getattr(net, "tta", None) else net
-    (logits, _), = eval_outputs(model, [torch.stack(tensors)], runner=Runner.for_net(net))
+    (logits, _), = eval_outputs(as_it_predicts(net), [torch.stack(tensors)], runner=Runner.for_net(net))
     probs = logits.float().softmax(dim=1).cpu()
     values, indices = probs.topk(topk, dim=1)
     labels = iter(
@@ -122,8 +121,8 @@ class TTA(nn.Module):
     >>> mean = (net(x).softmax(1) + net(x.flip(-1)).softmax(1)) / 2
     >>> torch.allclose(tta(x).exp(), mean, atol=1e-6), len(TTA(net, crop_fraction=0.8).views(x))
     (True, 12)
-    >>> len(TTA(net, rotate=True).views(x))
-    8
+    >>> len(TTA(net, rotate=True).views(x)), TTA(net, rotate=True).num_views, TTA(net, crop_fraction=0.8).num_views
+    (8, 8, 12)
     """
 
     def __init__(self, net: nn.Module, *, flip: bool = True, rotate: bool = False,
@@ -136,6 +135,11 @@ class TTA(nn.Module):
         self.flip = bool(flip)
         self.rotate = bool(rotate)
         self.crop_fraction = crop_fraction
+
+    @property
+    def num_views(self) -> int:
+        """Forward passes per image: ``len(self.views(x))``."""
+        return (6 if self.crop_fraction is not None else 1) * (2 if self.flip else 1) * (4 if self.rotate else 1)
 
     def views(self, x: torch.Tensor) -> list[torch.Tensor]:
         """The augmented copies of a batch ``(B, C, H, W)``, the batch itself first."""
@@ -153,3 +157,9 @@ class TTA(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         log_probs = torch.stack([self.net(v).float().log_softmax(1) for v in self.views(x)])
         return torch.logsumexp(log_probs, dim=0) - math.log(len(log_probs))  # log of the mean probability
+
+
+def as_it_predicts(net: nn.Module) -> nn.Module:
+    """`net` wrapped in the test-time augmentation its run chose (``net.tta``, see `Net`), else `net` itself."""
+    tta = getattr(net, "tta", None)
+    return TTA(net, **tta) if tta else net

@@ -257,13 +257,16 @@ def _choose_tta(net: Net, select: ImageFolderData, history: History, monitor: st
     """`TTA_VIEWS` for the training augmentation when its averaged views validate better (by `monitor`, on
     the images the run chose on) than the net alone; and the comparison in words for the decision."""
     views = TTA_VIEWS.get(select.augment)
+    # nothing to weigh without a monitor, or after a halted run; a kept probe was trained on
+    # unaugmented images, so it learned no symmetry
     if views is None or monitor is None or history.halted or history.kept != "finetune":
-        return None, ""  # a probe was trained on unaugmented images: it learned no symmetry
+        return None, ""
     key = {"val_loss": "loss", "val_acc": "acc"}.get(monitor)
     if key is None:
         return None, ""
-    plain, averaged = evaluate(net, select.val, device=device), evaluate(TTA(net, **views), select.val, device=device)
-    n = (2 if views["flip"] else 1) * (4 if views["rotate"] else 1)
+    tta = TTA(net, **views)
+    plain, averaged = evaluate(net, select.val, device=device), evaluate(tta, select.val, device=device)
+    n = tta.num_views
     better = averaged[key] > plain[key] if key == "acc" else averaged[key] < plain[key]
     said = (f"; predicts with {n} views (flips{' and right-angle turns' if views['rotate'] else ''}, "
             f"validation {key} {averaged[key]:.3f} against {plain[key]:.3f} for one view)" if better else
