@@ -19,7 +19,8 @@ from torch.utils.data import DataLoader
 
 from d2lft.errors import ConfigError
 
-__all__ = ["bench", "format_report", "inference_speed", "plain_loop", "TimedLoader"]
+__all__ = ["bench", "format_report", "format_time_to_accuracy", "inference_speed", "plain_loop",
+           "time_to_accuracy", "TimedLoader", "tutorial_recipe"]
 
 
 class TimedLoader:
@@ -78,7 +79,7 @@ def _images_per_second(timed: TimedLoader, warmup: int) -> tuple[float, int]:
     return timed.batch_sizes[0] / statistics.median(steps), len(steps)
 
 
-def _plain_loader(checked, *, image_size: int, batch_size: int, mean, std) -> DataLoader:
+def _plain_loader(checked, *, image_size: int, batch_size: int, mean, std, train: bool = True) -> DataLoader:
     """torchvision's ImageFolder loading and PIL transforms: every epoch decodes every JPEG again.
 
     ``checked`` is the train dataset of ``image_folders(..., cache=False)``: an ImageFolder over the files
@@ -88,18 +89,14 @@ def _plain_loader(checked, *, image_size: int, batch_size: int, mean, std) -> Da
     from torchvision import datasets
     from torchvision.transforms import v2
 
-    transform = v2.Compose(
-        [
-            v2.RandomResizedCrop(image_size, antialias=True),
-            v2.RandomHorizontalFlip(),
-            v2.PILToTensor(),
-            v2.ToDtype(torch.float32, scale=True),
-            v2.Normalize(mean, std),
-        ]
-    )
+    # The tutorial's transforms: a random crop and flip to train, resize to 256/224 of the size and
+    # take the centre to validate.
+    view = ([v2.RandomResizedCrop(image_size, antialias=True), v2.RandomHorizontalFlip()] if train
+            else [v2.Resize(round(image_size * 256 / 224), antialias=True), v2.CenterCrop(image_size)])
+    transform = v2.Compose([*view, v2.PILToTensor(), v2.ToDtype(torch.float32, scale=True), v2.Normalize(mean, std)])
     dataset = copy.copy(checked)  # shallow: the same file list, the plain loader and transform
     dataset.loader, dataset.transform = datasets.folder.default_loader, transform
-    return DataLoader(dataset, batch_size=batch_size, shuffle=True, drop_last=True)
+    return DataLoader(dataset, batch_size=batch_size, shuffle=train, drop_last=train)
 
 
 @torch.no_grad()
@@ -229,6 +226,126 @@ def bench(
     if "plain" in results:
         report["ratio_vs_plain"] = {k: v / results["plain"] for k, v in results.items() if k != "plain"}
     return report
+
+
+def tutorial_recipe(net: nn.Module, train_loader, val_loader, *, epochs: int = 25, target: float | None = None,
+                    device: torch.device, clock=time.perf_counter) -> list[dict]:
+    """The PyTorch transfer-learning tutorial's fine-tuning, epoch by epoch, as people copy it.
+
+    Every layer trains with SGD (lr 0.001, momentum 0.9), the learning rate divided by 10 every 7
+    epochs, cross-entropy; after each epoch, accuracy on `val_loader`. Stops after the first epoch
+    that reaches `target`. Returns one row per epoch: epoch, seconds since the call, val_acc.
+    """
+    start = clock()
+    net.to(device)
+    optimizer = torch.optim.SGD(net.parameters(), lr=0.001, momentum=0.9)
+    scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=7, gamma=0.1)
+    loss_fn = nn.CrossEntropyLoss()
+    rows = []
+    for epoch in range(1, epochs + 1):
+        net.train()
+        for images, labels in train_loader:
+            images, labels = images.to(device), labels.to(device)
+            optimizer.zero_grad()
+            loss_fn(net(images), labels).backward()
+            optimizer.step()
+        scheduler.step()
+        net.eval()
+        correct = 0
+        with torch.no_grad():
+            for images, labels in val_loader:
+                correct += (net(images.to(device)).argmax(1) == labels.to(device)).sum().item()
+        rows.append({"epoch": epoch, "seconds": clock() - start, "val_acc": correct / len(val_loader.dataset)})
+        if target is not None and rows[-1]["val_acc"] >= target:
+            break
+    return rows
+
+
+def time_to_accuracy(
+    target: float,
+    *,
+    data: str | Path | None = None,
+    model: str = "efficientnet_lite0",
+    max_epochs: int = 25,
+    image_size: int = 224,
+    batch_size: int = 4,
+    device: str | torch.device | None = None,
+    seed: int = 0,
+    contenders: tuple[str, ...] = ("tutorial", "default"),
+) -> dict:
+    """Seconds each contender takes to reach `target` accuracy on val/, side by side in one process.
+
+    ``tutorial``: the PyTorch tutorial's recipe (`tutorial_recipe`: ImageFolder decoding every JPEG,
+    batches of `batch_size` at `image_size` px, up to `max_epochs`), stopped after the first epoch
+    that reaches `target`; its seconds count from building the loaders to that epoch's validation.
+    ``default``: ``d2lft finetune DATA`` with every default (`d2lft.cli.run_finetune`), which
+    chooses its own recipe and size; its seconds are the whole call's, loading and the final
+    validation included. Both start from the same pretrained `model`.
+
+    >>> report = time_to_accuracy(0.9, data="hymenoptera_data", max_epochs=25)  # doctest: +SKIP
+    >>> report["speedup"]  # the tutorial's seconds / the default's, when both reach the target  # doctest: +SKIP
+    """
+    from d2lft.cli import run_finetune
+    from d2lft.data import image_folders
+    from d2lft.datasets import course_dataset
+    from d2lft.device import resolve_device, set_seed
+    from d2lft.models import create_model, replace_head
+
+    if not 0 < target <= 1:
+        raise ConfigError(f"bench: --to-accuracy {target}; expected a validation accuracy in (0, 1]")
+    if max_epochs < 1:
+        raise ConfigError(f"bench: --max-epochs {max_epochs}; expected at least 1")
+    unknown = [name for name in contenders if name not in ("tutorial", "default")]
+    if unknown:
+        raise ConfigError(f"bench: unknown contender {unknown[0]!r}; expected tutorial or default")
+    device = resolve_device(device)
+    root = Path(data) if data is not None else course_dataset(verbose=False)
+    results: dict[str, dict] = {}
+    for name in contenders:
+        set_seed(seed)
+        start = time.perf_counter()
+        if name == "tutorial":
+            net = create_model(model)
+            # The folder checked once with finetune's rules, so both contenders train on the same files.
+            checked = image_folders(root, net, image_size=image_size, batch_size=batch_size, cache=False,
+                                    progress=False)
+            replace_head(net, len(checked.classes))
+            loaders = [_plain_loader(dataset, image_size=image_size, batch_size=batch_size, mean=net.mean,
+                                     std=net.std, train=train)
+                       for dataset, train in ((checked.train_dataset, True), (checked.val_dataset, False))]
+            rows = tutorial_recipe(net, *loaders, epochs=max_epochs, target=target, device=device,
+                                   clock=lambda: time.perf_counter() - start)
+            final = rows[-1]
+            results[name] = {"val_acc": final["val_acc"], "seconds": final["seconds"], "epochs": final["epoch"],
+                             "curve": rows, "image_size": image_size, "batch_size": batch_size}
+        else:
+            report = run_finetune(root, model=model, seed=seed, device=device, progress=False)
+            results[name] = {"val_acc": report["val_acc"], "seconds": time.perf_counter() - start,
+                             "epochs": report["epochs"] + report["probe_epochs"], "strategy": report["kept"],
+                             "image_size": report["image_size"], "batch_size": report["batch_size"]}
+        results[name]["reached"] = results[name]["val_acc"] is not None and results[name]["val_acc"] >= target
+    report = {"target": target, "model": model, "device": str(device), "threads": torch.get_num_threads(),
+              "data": str(root), "seed": seed, "max_epochs": max_epochs, "contenders": results}
+    if all(name in results and results[name]["reached"] for name in ("tutorial", "default")):
+        report["speedup"] = results["tutorial"]["seconds"] / results["default"]["seconds"]
+    return report
+
+
+def format_time_to_accuracy(report: dict) -> str:
+    """A small table of a `time_to_accuracy` report, for the terminal."""
+    lines = [f"time to {report['target']:.3f} validation accuracy, {report['model']} on {report['device']}, "
+             f"{report['threads']} threads, seed {report['seed']}",
+             f"{'contender':<10} {'reached':>7} {'val_acc':>8} {'seconds':>8} {'epochs':>6}  recipe"]
+    for name, r in report["contenders"].items():
+        recipe = (f"SGD, every layer, {r['image_size']} px, batch {r['batch_size']}" if name == "tutorial"
+                  else f"d2lft finetune: {r['strategy']}, {r['image_size']} px")
+        lines.append(f"{name:<10} {'yes' if r['reached'] else 'no':>7} {r['val_acc'] or float('nan'):8.3f} "
+                     f"{r['seconds']:8.1f} {r['epochs']:6d}  {recipe}")
+    if "speedup" in report:
+        lines.append(f"the default reached it {report['speedup']:.1f}x sooner")
+    elif "tutorial" in report["contenders"] and not report["contenders"]["tutorial"]["reached"]:
+        lines.append(f"the tutorial's recipe did not reach it in {report['max_epochs']} epochs")
+    return "\n".join(lines)
 
 
 def format_report(report: dict) -> str:

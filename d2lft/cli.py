@@ -5,7 +5,7 @@
     d2lft predict IMAGE... [--model NAME | --checkpoint PATH] [--topk K]
     d2lft export CHECKPOINT --out PATH
     d2lft data list | d2lft data download NAME
-    d2lft bench [--model NAME] [--image-size N] [--device cpu|cuda]
+    d2lft bench [--model NAME] [--image-size N] [--device cpu|cuda] [--to-accuracy A [--max-epochs N]]
 
 Errors a user can fix (a wrong folder, a bad setting, no network: every `d2lft.errors.D2LFTError`)
 print one line and exit with status 1; usage errors exit with status 2 (argparse's convention).
@@ -417,16 +417,24 @@ def _parser() -> argparse.ArgumentParser:
     dl.add_argument("name")
     dl.add_argument("--root", type=Path, default=None, help="data directory (default $D2LFT_DATA_DIR or ./data)")
 
-    bench = sub.add_parser("bench", help="images/s of a plain PyTorch loop vs d2lft.fit, side by side")
+    bench = sub.add_parser("bench", help="images/s of a plain PyTorch loop vs d2lft.fit, side by side; "
+                           "or, with --to-accuracy, seconds to reach an accuracy")
     bench.add_argument("--model", default="efficientnet_lite0", choices=list_models(), metavar="NAME",
                        help="backbone (default efficientnet_lite0)")
     bench.add_argument("--image-size", type=_positive_int, default=224, help="default 224")
-    bench.add_argument("--batch-size", type=_positive_int, default=32, help="default 32")
+    bench.add_argument("--batch-size", type=_positive_int, default=None,
+                       help="default 32 (with --to-accuracy: the tutorial's 4)")
     bench.add_argument("--steps", type=_positive_int, default=10, help="timed steps per contender (default 10)")
     bench.add_argument("--warmup", type=int, default=2, help="untimed steps first (default 2)")
     bench.add_argument("--device", default=None, help="cpu, cuda or mps (default: the best available)")
     bench.add_argument("--data", type=Path, default=None, help="image folder to read (default: the course dataset)")
     bench.add_argument("--json", type=Path, default=None, help="write the figures here")
+    bench.add_argument("--to-accuracy", type=_positive_float, default=None, metavar="A",
+                       help="instead: seconds for the PyTorch tutorial's recipe and for `d2lft finetune`'s "
+                            "default to reach validation accuracy A (e.g. 0.9)")
+    bench.add_argument("--max-epochs", type=_positive_int, default=25,
+                       help="with --to-accuracy: the tutorial's epochs at most (default 25, as it trains)")
+    bench.add_argument("--seed", type=int, default=0, help="with --to-accuracy (default 0)")
     return parser
 
 
@@ -519,13 +527,21 @@ def _data(args: argparse.Namespace) -> int:
 
 
 def _bench(args: argparse.Namespace) -> int:
-    from d2lft.bench import bench, format_report
+    from d2lft.bench import bench, format_report, format_time_to_accuracy, time_to_accuracy
 
     _check_outputs(args.json)
+    if args.to_accuracy is not None:
+        report = time_to_accuracy(args.to_accuracy, data=args.data, model=args.model, max_epochs=args.max_epochs,
+                                  image_size=args.image_size, batch_size=args.batch_size or 4,
+                                  device=args.device, seed=args.seed)
+        print(format_time_to_accuracy(report))
+        if args.json:
+            _write_json(args.json, report)
+        return 0
     report = bench(
         model=args.model,
         image_size=args.image_size,
-        batch_size=args.batch_size,
+        batch_size=args.batch_size or 32,
         steps=args.steps,
         warmup=args.warmup,
         device=args.device,

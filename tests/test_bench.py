@@ -5,7 +5,7 @@ import json
 
 import pytest
 
-from d2lft.bench import TimedLoader, bench, format_report
+from d2lft.bench import TimedLoader, bench, format_report, format_time_to_accuracy, time_to_accuracy
 from d2lft.cli import main
 from d2lft.synthetic import make_shapes
 
@@ -67,3 +67,37 @@ def test_bench_skips_what_finetune_skips_and_says_so(tmp_path):
     assert report["skipped"] == [str(empty)]
     assert report["images_per_second"]["plain"] > 0 and report["images_per_second"]["fit_plain"] > 0
     assert "skipped 1 file(s)" in format_report(report)
+
+
+def test_time_to_accuracy_stops_the_tutorial_at_the_first_epoch_that_reaches_the_target(tmp_path):
+    root = make_shapes(tmp_path)
+    report = time_to_accuracy(0.01, data=root, image_size=32, batch_size=8, max_epochs=3, device="cpu",
+                              contenders=("tutorial",))
+    tutorial = report["contenders"]["tutorial"]
+    assert tutorial["reached"] and tutorial["epochs"] == 1 and len(tutorial["curve"]) == 1
+    assert 0 < tutorial["seconds"] and tutorial["val_acc"] >= 0.01
+    assert "speedup" not in report  # one contender: nothing to compare
+    # a target no run reaches: every epoch runs, each row later than the one before
+    report = time_to_accuracy(1.0, data=root, image_size=32, batch_size=8, max_epochs=2, device="cpu",
+                              contenders=("tutorial",))
+    curve = report["contenders"]["tutorial"]["curve"]
+    assert [row["epoch"] for row in curve] == [1, 2] and curve[0]["seconds"] < curve[1]["seconds"]
+    assert report["contenders"]["tutorial"]["reached"] is (curve[-1]["val_acc"] >= 1.0)
+    assert "did not reach it in 2 epochs" in format_time_to_accuracy(report) or curve[-1]["val_acc"] >= 1.0
+
+
+@pytest.mark.slow
+def test_bench_to_accuracy_cli_runs_both_contenders_and_writes_json(tiny_folder, tmp_path):
+    out = tmp_path / "tta.json"
+    assert main(["bench", "--to-accuracy", "0.01", "--data", str(tiny_folder), "--image-size", "32",
+                 "--max-epochs", "1", "--device", "cpu", "--json", str(out)]) == 0
+    report = json.loads(out.read_text())
+    assert set(report["contenders"]) == {"tutorial", "default"}
+    assert all(r["reached"] for r in report["contenders"].values())
+    assert report["speedup"] == pytest.approx(report["contenders"]["tutorial"]["seconds"]
+                                              / report["contenders"]["default"]["seconds"])
+
+
+def test_bench_to_accuracy_refuses_a_target_above_one(tmp_path, capsys):
+    assert main(["bench", "--to-accuracy", "1.5", "--data", str(tmp_path)]) == 1
+    assert "--to-accuracy 1.5" in capsys.readouterr().err
