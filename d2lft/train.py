@@ -375,7 +375,8 @@ def fit(
       with ``stop_reason`` set instead of raising.
     * `checkpoint`: saved after every epoch (a path, or ``d2lft.callbacks.Checkpoint(path, extra=...)``
       to save plain data with it); `resume`: continue such a run where it stopped (`epochs` counts
-      the epochs of the whole run). `seed`: `d2lft.set_seed` first.
+      the epochs of the whole run). `seed`: `d2lft.set_seed` first, and the shuffling of
+      `train_loader` starts again from it, so the same call on the same data trains the same again.
     * `callbacks`: see `d2lft.callbacks` (e.g. `d2lft.GradualUnfreezing`, ``d2lft.plot.LivePlot``).
 
     Under torchrun, call ``d2lft.distributed.setup(device)`` first; `fit` then trains with
@@ -395,6 +396,8 @@ def fit(
     user_callbacks = check_callbacks(callbacks)
     if seed is not None:
         set_seed(seed)
+        for generator in _loader_generators(train_loader):  # the same order as the last call with this seed
+            generator.manual_seed(seed)
     runner = Runner.for_device(device, amp=amp, channels_last=channels_last)
     distributed.check_setup(runner.device)
     train_loader = distributed.shard_loader(train_loader, seed=seed or 0)  # torchrun: each process its share

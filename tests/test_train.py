@@ -108,6 +108,21 @@ def test_same_seed_same_history() -> None:
     assert same_weights(n1, n2.state_dict())
 
 
+def test_the_same_seed_on_the_same_loader_trains_the_same_again() -> None:
+    # A cell run twice in a notebook: the loader's shuffling generator must not carry on from the first run.
+    x, y = images()
+    train, val = loader(x, y, shuffle=True, seed=0), loader(*images(seed=2))
+    runs = []
+    for _ in range(2):
+        net = tiny_net(seed=5, dropout=0.3)
+        runs.append((fit(net, train, val, epochs=2, seed=7, **QUIET), net))
+    (h1, n1), (h2, n2) = runs
+    assert h1.train_loss == h2.train_loss and h1.val_loss == h2.val_loss
+    assert same_weights(n1, n2.state_dict())
+    other = tiny_net(seed=5, dropout=0.3)
+    assert fit(other, train, val, epochs=2, seed=8, **QUIET).train_loss != h1.train_loss  # the seed matters
+
+
 def test_regression_records_mae_with_float_targets() -> None:
     x, _ = images()
     target = x[:, 0].mean((1, 2)) * 3  # shape (N,), the net outputs (N, 1)
