@@ -13,9 +13,9 @@ from matplotlib.cbook import get_sample_data
 from d2lft.cli import main
 
 
-def run_cli(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
+def run_cli(*args: str, cwd: Path | None = None, timeout: float = 300) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "d2lft", *args], capture_output=True, text=True, cwd=cwd,
-                          timeout=300)
+                          timeout=timeout)
 
 
 def test_predict_grace_hopper_prints_military_uniform_first():
@@ -256,7 +256,8 @@ def test_augment_and_batchnorm_flags_reach_the_run_and_the_json(tiny_folder, tmp
 @pytest.mark.slow
 def test_the_default_on_satellite_tiles_fine_tunes_and_beats_the_probe(eurosat_root, tmp_path):
     out = tmp_path / "out.json"
-    result = run_cli("finetune", str(eurosat_root), "--json", str(out))
+    # about 3 minutes on a 2-core AVX-512 CPU, 5 on an AVX2-only one: the limit only catches a hang
+    result = run_cli("finetune", str(eurosat_root), "--json", str(out), timeout=1200)
     assert result.returncode == 0, result.stderr
     report = json.loads(out.read_text())
     assert report["image_size"] == 128 and report["domain_shift"] >= 0.2 and report["epochs"] == 8
