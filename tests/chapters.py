@@ -8,6 +8,10 @@ test alone (failed runs are never stored), so both guarantees hold with one exec
 the HTML shows what ran, and a failing cell or assert fails the tests. Edit a code cell, or any
 file of the d2lft package after the stored run, and the chapter runs again (and replaces the
 stored run, so the next build shows it).
+
+Under ``pytest -n N`` (pytest-xdist) the chapters are collected first, the longest first, so they
+start early and spread over the N worker processes; each worker, and every kernel it starts, uses
+one thread (tests/conftest.py), and one lock keeps two workers from writing the store at once.
 """
 from __future__ import annotations
 
@@ -44,11 +48,12 @@ class ChapterRun(pytest.Item):
         from jupyter_cache.executors.utils import single_nb_execution
 
         notebook = nbformat.read(self.path, as_version=4)
-        cache = get_cache(str(CACHE))
-        try:
-            record = cache.match_cache_notebook(notebook)
-        except KeyError:
-            record = None
+        with _store_lock():
+            cache = get_cache(str(CACHE))
+            try:
+                record = cache.match_cache_notebook(notebook)
+            except KeyError:
+                record = None
         if record is not None and _stored_after_the_package_changed(record):
             # the build (or an earlier pytest) ran exactly this code on this package: nothing to redo
             seconds = record.data.get("execution_seconds")
@@ -59,8 +64,9 @@ class ChapterRun(pytest.Item):
                                      meta_override=True)
         if result.err is not None:
             raise ChapterFailed(result.exc_string or repr(result.err))
-        cache.cache_notebook_bundle(CacheBundleIn(notebook, str(self.path), data={"execution_seconds": result.time}),
-                                    check_validity=False, overwrite=True)
+        with _store_lock():
+            cache.cache_notebook_bundle(CacheBundleIn(notebook, str(self.path), data={"execution_seconds": result.time}),
+                                        check_validity=False, overwrite=True)
         self.add_report_section("call", "chapter", f"executed in {time.perf_counter() - start:.0f} s")
 
     def repr_failure(self, excinfo, style=None):
@@ -70,6 +76,27 @@ class ChapterRun(pytest.Item):
 
     def reportinfo(self):
         return self.path, None, f"{self.path.name}: every cell runs"
+
+
+def pytest_collection_modifyitems(items) -> None:
+    """The chapters first, the one with the most code first: under ``pytest -n N`` the long runs start early."""
+    chapters = sorted((item for item in items if isinstance(item, ChapterRun)), key=_code_size, reverse=True)
+    items[:] = chapters + [item for item in items if not isinstance(item, ChapterRun)]
+
+
+def _code_size(item: ChapterRun) -> int:
+    import nbformat
+
+    notebook = nbformat.read(item.path, as_version=4)
+    return sum(len(cell.source) for cell in notebook.cells if cell.cell_type == "code")
+
+
+def _store_lock():
+    """A lock across processes (pytest -n N) around reading and writing the store."""
+    from filelock import FileLock
+
+    CACHE.parent.mkdir(parents=True, exist_ok=True)
+    return FileLock(str(CACHE.parent / ".jupyter_cache.lock"))
 
 
 class ChapterFailed(Exception):

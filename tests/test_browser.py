@@ -164,6 +164,7 @@ def test_each_explorer_chapter_tags_the_cells_its_explorer_needs(chapter):
 
 
 @pytest.mark.browser
+@pytest.mark.xdist_group("jupyterlab")  # pytest -n N --dist loadgroup: one worker, one JupyterLab server
 @pytest.mark.parametrize("name", list(EXPLORERS))
 def test_dragging_a_slider_redraws_the_explorer(name, browser, lab, tmp_path):
     chapter, slider_label, drop_at = EXPLORERS[name]
