@@ -10,8 +10,8 @@ file of the d2lft package after the stored run, and the chapter runs again (and 
 stored run, so the next build shows it).
 
 Under ``pytest -n N`` (pytest-xdist) the chapters are collected first, the longest first, so they
-start early and spread over the N worker processes; each worker, and every kernel it starts, uses
-one thread (tests/conftest.py), and one lock keeps two workers from writing the store at once.
+start early and spread over the N worker processes; every kernel or command a worker starts uses
+one thread (`pytest_configure` below), and one lock keeps two workers from writing the store at once.
 """
 from __future__ import annotations
 
@@ -82,6 +82,16 @@ class ChapterRun(pytest.Item):
 
     def reportinfo(self):
         return self.path, None, f"{self.path.name}: every cell runs"
+
+
+def pytest_configure(config) -> None:
+    """In a pytest-xdist worker (pytest -n N) every chapter kernel and command it starts runs on one thread.
+
+    N workers share the cores: two processes of two threads each on two cores stall each other.
+    (A plugin, not tests/conftest.py: this file is loaded in every worker, whatever the arguments.)
+    """
+    if hasattr(config, "workerinput"):
+        os.environ["OMP_NUM_THREADS"] = "1"
 
 
 def pytest_collection_modifyitems(items) -> None:

@@ -8,10 +8,6 @@ import pytest
 import torch
 
 os.environ.setdefault("MPLBACKEND", "Agg")
-if os.environ.get("PYTEST_XDIST_WORKER"):
-    # pytest -n N: N processes share the cores, so each one, and every chapter kernel or command it
-    # starts, runs on one thread (two processes of two threads each on two cores stall each other)
-    os.environ["OMP_NUM_THREADS"] = "1"
 REPO = Path(__file__).resolve().parent.parent
 
 
