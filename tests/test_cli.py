@@ -263,7 +263,7 @@ def test_the_default_on_satellite_tiles_fine_tunes_and_beats_the_probe(eurosat_r
     assert report["image_size"] == 128 and report["domain_shift"] >= 0.2 and report["epochs"] == 8
     assert report["selected_on"] == "a hold-out of 20% of the training images" and report["holdout_images"] == 200
     # above the probe alone (0.934): one run, whose figure moves with the CPU's numerics (seed 0 gave
-    # 0.966 on two threads, 0.946 on one, as under pytest -n; seeds 0-2 on two: 0.962 +- 0.004)
+    # 0.966 run alone, 0.946 under pytest -n 2 beside a chapter; seeds 0-2 alone: 0.962 +- 0.004)
     assert report["kept"] == "finetune" and report["val_acc"] >= 0.94, report
     assert report["tta"] in (None, {"flip": True, "rotate": True}) and "chose lp-ft" in result.stdout
 
