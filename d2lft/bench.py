@@ -277,7 +277,8 @@ def time_to_accuracy(
 
     ``tutorial``: the PyTorch tutorial's recipe (`tutorial_recipe`: ImageFolder decoding every JPEG,
     batches of `batch_size` at `image_size` px, up to `max_epochs`), stopped after the first epoch
-    that reaches `target`; its seconds count from building the loaders to that epoch's validation.
+    that reaches `target`; its seconds count from building the model (and checking the folder with
+    finetune's rules) to that epoch's validation.
     ``default``: ``d2lft finetune DATA`` with every default (`d2lft.cli.run_finetune`), which
     chooses its own recipe and size; its seconds are the whole call's, loading and the final
     validation included. Both start from the same pretrained `model`.
