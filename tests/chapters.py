@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import os
 import time
-from contextlib import contextmanager
 from datetime import timezone
 from pathlib import Path
 
@@ -62,9 +61,8 @@ class ChapterRun(pytest.Item):
             self.add_report_section("call", "chapter", f"reused the stored run ({seconds or 0:.0f} s), ID={record.pk}")
             return
         start = time.perf_counter()
-        with _inline_figures():
-            result = single_nb_execution(notebook, cwd=str(self.path.parent), allow_errors=False, timeout=TIMEOUT,
-                                         meta_override=True)
+        result = single_nb_execution(notebook, cwd=str(self.path.parent), allow_errors=False, timeout=TIMEOUT,
+                                     meta_override=True)
         if result.err is not None:
             raise ChapterFailed(result.exc_string or repr(result.err))
         if not _has_figures(notebook):  # the build would show this run: refuse to store a chapter without them
@@ -105,18 +103,6 @@ def _code_size(item: ChapterRun) -> int:
 
     notebook = nbformat.read(item.path, as_version=4)
     return sum(len(cell.source) for cell in notebook.cells if cell.cell_type == "code")
-
-
-@contextmanager
-def _inline_figures():
-    """The kernel gets the book build's environment: without MPLBACKEND (conftest sets Agg for the
-    tests), so its figures use the inline backend and reach the stored outputs and the HTML."""
-    backend = os.environ.pop("MPLBACKEND", None)
-    try:
-        yield
-    finally:
-        if backend is not None:
-            os.environ["MPLBACKEND"] = backend
 
 
 def _has_figures(notebook) -> bool:

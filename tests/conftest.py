@@ -4,10 +4,13 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+import matplotlib
 import pytest
 import torch
 
-os.environ.setdefault("MPLBACKEND", "Agg")
+# Agg for this process only: an MPLBACKEND in the environment would reach the chapters' kernels and
+# JupyterLab, which must draw with the notebook's inline backend
+matplotlib.use("Agg")
 REPO = Path(__file__).resolve().parent.parent
 
 
