@@ -356,6 +356,7 @@ def test_a_checkpoint_saves_plain_data_with_every_epoch(tmp_path) -> None:
 
 def test_load_finetuned_reads_the_file_once_and_hands_back_the_best_weights(tmp_path, monkeypatch) -> None:
     from d2lft.checkpoint import load_finetuned
+    from d2lft.loop import folded_batchnorm
     from d2lft.models import create_model
 
     net = create_model("efficientnet_lite0", num_classes=2, pretrained=False)
@@ -502,6 +503,43 @@ def test_evaluate_and_predict_keep_the_layer_modes() -> None:
     net.eval()
     expected = nn.functional.cross_entropy(net(x), y).item()
     assert metrics["loss"] == pytest.approx(expected, rel=1e-5)
+
+
+def test_evaluation_on_the_cpu_folds_batchnorm_into_a_copy_and_leaves_the_net_as_it_was() -> None:
+    # Lite0's conv-BN blocks, folded for evaluation: the outputs of the network as it is, to float
+    # rounding; the network itself keeps its BatchNorm layers, their statistics and its layout.
+    from d2lft.loop import folded_batchnorm
+    from d2lft.models import create_model
+
+    net = create_model("efficientnet_lite0", num_classes=3, pretrained=False)
+    set_seed(0)
+    for m in net.modules():  # statistics and affine weights that are not the identity
+        if isinstance(m, nn.BatchNorm2d):
+            m.running_mean.uniform_(-0.5, 0.5); m.running_var.uniform_(0.5, 2.0); m.weight.data.uniform_(0.5, 1.5)
+    before = copy.deepcopy(net.state_dict())
+    x = torch.randn(6, 3, 64, 64)
+    data = loader(x, torch.tensor([0, 1, 2, 0, 1, 2]), batch_size=4)
+    net.eval()
+    with torch.no_grad():
+        expected = net(x).softmax(1)
+    probs, _ = predict(net, data, device="cpu")
+    assert torch.allclose(probs, expected, atol=1e-5), (probs - expected).abs().max()
+    state = net.state_dict()
+    assert state.keys() == before.keys() and all(torch.equal(state[k], before[k]) for k in state)
+    assert sum(isinstance(m, nn.BatchNorm2d) for m in net.modules()) == 49
+    assert not any(isinstance(m, nn.BatchNorm2d) for m in folded_batchnorm(net).modules())  # all 49 fold
+
+
+def test_a_hook_on_the_net_sees_evaluation_unfolded() -> None:
+    # a forward hook (as domain_shift registers on BatchNorm layers) must run on the net's own layers
+    net = tiny_net()
+    seen = []
+    bn = next(m for m in net.modules() if isinstance(m, nn.BatchNorm2d))
+    handle = bn.register_forward_hook(lambda module, inputs, output: seen.append(module))
+    x, y = images(6)
+    evaluate(net, loader(x, y, batch_size=3), device="cpu")
+    handle.remove()
+    assert seen and all(m is bn for m in seen)
 
 
 def test_get_device_never_returns_none() -> None:
