@@ -36,7 +36,7 @@ class Runner:
     Defaults (`for_device`): mixed precision on CUDA only (bf16 where supported, else fp16 with
     loss scaling; on the CPU autocast was not faster for these convolutions); channels-last on
     CUDA (tensor cores) and on the CPU (oneDNN: Lite0 training steps measured 1.5x faster);
-    folded BatchNorm for evaluation on the CPU (`folded_batchnorm`: Lite0 inference 1.45x faster).
+    folded BatchNorm for evaluation on the CPU (`folded_batchnorm`; the figures are in `for_net`).
 
     >>> Runner.for_device("cpu")
     Runner(device=device(type='cpu'), amp_dtype=None, channels_last=True, fold_batchnorm=True)
@@ -66,9 +66,10 @@ class Runner:
     @classmethod
     def for_net(cls, net: nn.Module, device: str | torch.device | None = None) -> Runner:
         """Evaluation on `device` (default: where the net's weights are): mixed precision on CUDA;
-        float32 on the CPU, channels-last with BatchNorm folded (Lite0 at 224 px, 2 cores: 25.2
-        images/s contiguous, 36.8 channels-last, 57.8 both), outputs equal to about 1e-5, so
-        predictions match golden references to the digits they give."""
+        float32 on the CPU, channels-last with BatchNorm folded (Lite0's backbone at 224 px, batch
+        32, 2-core AVX2 EPYC, one process, best of 4: 25.2 images/s contiguous, 29.3 folded, 36.8
+        channels-last, 57.8 both), outputs equal to about 1e-5, so predictions match golden
+        references to the digits they give."""
         if device is None:
             p = next(net.parameters(), None)
             device = p.device if p is not None else None
@@ -157,10 +158,10 @@ def folded_batchnorm(net: nn.Module) -> nn.Module:
     bias), so a ``Conv2d`` followed by it is one convolution with other weights and a bias
     (`torch.nn.utils.fusion.fuse_conv_bn_eval`). The pairs folded are the consecutive children
     of an ``nn.Sequential``, the conv-BN(-activation) blocks of EfficientNet-Lite and of
-    torchvision's models, where nothing else reads the convolution's output. Measured on this
-    project's 2-core CPU (Lite0, 224 px, batch 32, eval, no grad): 35.8 images/s as it is, 51.9
-    folded, outputs equal to 1.3e-5. `net` itself comes back when nothing folds, when `net` is in
-    training mode, or when any module has hooks: they would run on the copy, or not at all.
+    torchvision's models, where nothing else reads the convolution's output (speed: see
+    `Runner.for_net`; outputs equal to 1.3e-5 on Lite0). `net` itself comes back when nothing
+    folds, when `net` is in training mode, or when any module has hooks: they would run on the
+    copy, or not at all.
 
     >>> net = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU()).eval()
     >>> net[1].running_mean += 1.0
@@ -172,7 +173,8 @@ def folded_batchnorm(net: nn.Module) -> nn.Module:
     True
     """
     modules = list(net.modules())
-    if net.training or isinstance(net, nn.parallel.DistributedDataParallel) or any(m._forward_hooks or m._forward_pre_hooks for m in modules):
+    hooked = any(m._forward_hooks or m._forward_pre_hooks for m in modules)
+    if net.training or hooked or isinstance(net, nn.parallel.DistributedDataParallel):
         return net
 
     def pairs(module: nn.Module) -> list[tuple[str, str]]:

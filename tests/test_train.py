@@ -356,7 +356,6 @@ def test_a_checkpoint_saves_plain_data_with_every_epoch(tmp_path) -> None:
 
 def test_load_finetuned_reads_the_file_once_and_hands_back_the_best_weights(tmp_path, monkeypatch) -> None:
     from d2lft.checkpoint import load_finetuned
-    from d2lft.loop import folded_batchnorm
     from d2lft.models import create_model
 
     net = create_model("efficientnet_lite0", num_classes=2, pretrained=False)
