@@ -11,6 +11,7 @@ the seeds change only the head's initialisation and the order of the cached batc
     D2LFT_DATA_DIR=../shared/data python experiments/transfer.py speed
     D2LFT_DATA_DIR=../shared/data python experiments/transfer.py probe --models efficientnet_lite0 ...
     D2LFT_DATA_DIR=../shared/data python experiments/transfer.py finetune --seeds 3
+    ... finetune --threads 1 --first-seed 1 --seeds 2 & ... --first-seed 2 --seeds 3  # side by side
 
 The finetune phase runs what ``ft.fine_tune``'s ``auto`` runs when it fine-tunes, for every
 backbone on both datasets: lp-ft for ``AUTO_EPOCHS`` epochs at the image size ``d2lft finetune``
@@ -109,12 +110,27 @@ def _save(path: Path, report: dict) -> None:
     print(f"wrote {path}", flush=True)
 
 
+def _add_run(path: Path, name: str, dataset: str, run: dict) -> None:
+    """Add one fine-tune run to the json as it is on disk now, under a lock, so that processes
+    running other seeds at the same time keep each other's runs."""
+    import fcntl
+
+    with open(path) as lock:  # the file itself is the lock
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        report = json.loads(path.read_text())
+        done = report.setdefault("finetune", {}).setdefault(name, {}).setdefault(dataset, [])
+        done[:] = sorted([r for r in done if r["seed"] != run["seed"]] + [run], key=lambda r: r["seed"])
+        _save(path, report)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("phase", choices=("speed", "probe", "finetune"))
     parser.add_argument("--models", nargs="+", default=list(BACKBONES), choices=BACKBONES)
     parser.add_argument("--json", type=Path, default=Path(__file__).with_name("transfer.json"))
     parser.add_argument("--seeds", type=int, default=3)
+    parser.add_argument("--first-seed", type=int, default=0,
+                        help="(finetune) run seeds first-seed .. seeds-1: one process per seed can share the json")
     parser.add_argument("--datasets", nargs="+", default=list(DATASETS), choices=DATASETS, help="(finetune)")
     parser.add_argument("--rounds", type=int, default=3, help="interleaved timing rounds (speed)")
     parser.add_argument("--threads", type=int, default=2)
@@ -133,7 +149,7 @@ def main() -> None:
     seeds = list(range(args.seeds))
     if args.phase == "finetune":
         runs = report.setdefault("finetune", {})
-        for seed in seeds:  # every backbone's seed 0 first, so a cut-short run still compares them all
+        for seed in range(args.first_seed, args.seeds):  # every backbone's first seed, then the next
             for name in args.models:
                 for dataset, augment in zip(DATASETS, ("crop+flip", "overhead")):
                     if dataset not in args.datasets:
@@ -141,9 +157,9 @@ def main() -> None:
                     done = runs.setdefault(name, {}).setdefault(dataset, [])
                     if any(r["seed"] == seed for r in done):
                         continue
-                    done.append(finetune_run(name, data_dir / dataset, seed=seed, augment=augment))
-                    print(name, dataset, json.dumps(done[-1]), flush=True)
-                    _save(args.json, report)
+                    run = finetune_run(name, data_dir / dataset, seed=seed, augment=augment)
+                    print(name, dataset, json.dumps(run), flush=True)
+                    _add_run(args.json, name, dataset, run)
         return
     report["probe_settings"] = {**PROBE, "seeds": seeds, "image_size": 224, "metric": "val_acc after the last epoch"}
     for name in args.models:
