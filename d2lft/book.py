@@ -29,26 +29,36 @@ __all__ = ["Settings", "settings", "course_settings", "model_and_data", "shifted
 
 @dataclass(frozen=True)
 class Settings:
-    """Sizes the chapters use: small on a CPU so each runs in about a minute, larger on a GPU."""
+    """Sizes the chapters use: small on a CPU so each runs in about a minute, larger on a GPU.
+
+    `image_size` is the photos' size for single runs; `comparison_size` theirs in comparisons that
+    train every setting for several seeds (on a CPU smaller, resized from the same decoded images
+    with ``data.resized(settings.comparison_size)``); `tile_size` the satellite tiles' size.
+    """
 
     device: torch.device
     image_size: int
     batch_size: int
     epochs_scale: int
     root: Path | None = None
+    comparison_size: int = 96
+    tile_size: int = 64
 
 
 def settings(device: str | torch.device | None = None, *, root: Path | None = None) -> Settings:
     """The chapters' settings for this machine (and, on a CPU, the allocator setting of `d2lft.device`).
 
-    >>> settings("cpu").image_size
-    128
+    >>> config = settings("cpu")
+    >>> config.image_size, config.comparison_size, config.tile_size
+    (128, 96, 64)
     """
     device = torch.device(device) if device is not None else get_device()
     if device.type == "cuda":
-        return Settings(device=device, image_size=224, batch_size=64, epochs_scale=3, root=root)
+        return Settings(device=device, image_size=224, batch_size=64, epochs_scale=3, root=root,
+                        comparison_size=224, tile_size=128)
     keep_freed_memory()  # process-wide: faster CPU training steps (see d2lft.device)
-    return Settings(device=device, image_size=128, batch_size=32, epochs_scale=1, root=root)
+    return Settings(device=device, image_size=128, batch_size=32, epochs_scale=1, root=root,
+                    comparison_size=96, tile_size=64)
 
 
 course_settings = settings
@@ -148,6 +158,10 @@ class Difference:
     sd: float  # their sample standard deviation
     clear: bool  # |mean| larger than sd and than the floor
 
+    def __str__(self) -> str:
+        """The difference as the prose shows it, signed: "+0.035 ± 0.023"."""
+        return f"{self.mean:+.3f} ± {self.sd:.3f}"
+
     def say(self, more: str, less: str, same: str) -> str:
         """`more` when a is clearly larger, `less` when clearly smaller, `same` when within the noise."""
         if not self.clear:
@@ -163,8 +177,8 @@ def paired_difference(a: Sequence[float], b: Sequence[float], *, floor: float = 
     noise, not a significance test. Chapters glue ``say(...)`` so their prose stays true on any run.
 
     >>> d = paired_difference([0.90, 0.92, 0.95], [0.85, 0.86, 0.88])
-    >>> round(d.mean, 3), d.clear, d.say("beats", "trails", "ties with")
-    (0.06, True, 'beats')
+    >>> round(d.mean, 3), d.clear, d.say("beats", "trails", "ties with"), str(d)
+    (0.06, True, 'beats', '+0.060 ± 0.010')
     >>> paired_difference([0.90, 0.80, 0.85], [0.85, 0.86, 0.84]).say("beats", "trails", "ties with")
     'ties with'
     """

@@ -172,8 +172,10 @@ class ImageFolderData:
         """The same images prepared at another size (no decoding again: the cache is resized on the fly).
 
         A CPU fine-tunes several times faster at 128 px than at 224; a probe's features can still
-        come from the larger images of this object.
+        come from the larger images of this object. At the size they already have: this object.
         """
+        if image_size == self.preprocessing.image_size:
+            return self
         preprocessing = self.preprocessing.with_size(image_size)
         train = _with_transform(self.train_dataset, train_transform(preprocessing, self.augment)
                                 if self.augment != "custom" else self.train_dataset.transform)
