@@ -143,7 +143,8 @@ def main() -> None:
         report["speed"] = speed(args.models, rounds=args.rounds)
         report["speed_settings"] = (f"batch 32 random images, eval, no grad; per round 1 warm-up + 2 timed batches "
                                     f"per model and size; median of {args.rounds} interleaved rounds; "
-                                    f"{args.threads} threads; the 2 cores were shared with other jobs")
+                                    f"{args.threads} threads, {time.strftime('%Y-%m-%d')}, {platform.processor() or platform.machine()}; "
+                                    "compare the models within this run, not with another machine or day")
         _save(args.json, report)
         return
     seeds = list(range(args.seeds))
