@@ -8,7 +8,7 @@ that are not scaled. Lite1 and Lite2 scale Lite0's stages by a width and a depth
 details of the architecture below:
 
 * strided convolutions use TensorFlow's "SAME" padding, which pads *more on the right and
-  bottom* when the total padding is odd (`SamePad`); PyTorch's ``padding=k // 2`` is symmetric
+  bottom* when the total padding is odd (`SameConv2d`); PyTorch's ``padding=k // 2`` is symmetric
   and gives measurably different features with these weights;
 * batch norm uses TensorFlow's ``eps=1e-3``.
 
@@ -38,7 +38,8 @@ __all__ = [
     "EfficientNetLite0",
     "LiteVariant",
     "VARIANTS",
-    "SamePad",
+    "SameConv2d",
+    "ConvBN",
     "MBConv",
     "STAGES",
     "LITE_MEAN",
@@ -113,30 +114,75 @@ VARIANTS: dict[str, LiteVariant] = {
 }
 
 
-class SamePad(nn.Module):
-    """TensorFlow "SAME" padding for a strided convolution, computed from the input size.
+class SameConv2d(nn.Conv2d):
+    """A strided convolution with TensorFlow's "SAME" padding, computed from each input's size.
 
-    The output has ``ceil(size / stride)`` pixels; odd total padding goes right/bottom.
+    The output has ``ceil(size / stride)`` pixels; an odd total padding puts the extra pixel
+    right and bottom. Padding the input first would copy it, which on a CPU costs more than a
+    depthwise convolution itself (Lite0, batch 32 at 224 px, 2 threads: 113 ms against 41 ms
+    for the 112-px layer, forward). So a depthwise convolution pads its *kernel* instead: one
+    zero row and column at the top left, and the convolution's own symmetric padding one larger,
+    add up the same products. A dense convolution (the stem) pads the input, which measured
+    faster there.
 
-    >>> SamePad(3, 2)(torch.zeros(1, 1, 224, 224)).shape  # pads 0 left/top, 1 right/bottom
-    torch.Size([1, 1, 225, 225])
+    >>> conv = SameConv2d(1, 1, 3, stride=2)
+    >>> conv(torch.zeros(1, 1, 224, 224)).shape  # pads 0 left/top, 1 right/bottom
+    torch.Size([1, 1, 112, 112])
+    >>> conv.same_padding(224, 0), conv.same_padding(7, 0)  # (before, after); odd input: 1 each side
+    ((0, 1), (1, 1))
     """
 
-    def __init__(self, kernel_size: int, stride: int) -> None:
-        super().__init__()
-        self.kernel_size = kernel_size
-        self.stride = stride
+    def __init__(self, in_channels: int, out_channels: int, kernel_size: int, *, stride: int,
+                 groups: int = 1) -> None:
+        super().__init__(in_channels, out_channels, kernel_size, stride=stride, padding=0, groups=groups,
+                         bias=False)
 
-    def _total(self, size: int) -> int:
-        out = -(-size // self.stride)  # ceil division
-        return max((out - 1) * self.stride + self.kernel_size - size, 0)
+    def same_padding(self, size: int, dim: int) -> tuple[int, int]:
+        """TensorFlow's padding (before, after) of an input of `size` pixels along `dim` (0: height)."""
+        kernel, stride = self.kernel_size[dim], self.stride[dim]
+        total = max((-(-size // stride) - 1) * stride + kernel - size, 0)  # -(-a // b): ceil(a / b)
+        return total // 2, total - total // 2
+
+    def _conv_forward(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        # Conv2d.forward's one call: forward, and a BatchNorm folded in with other weights, both come here
+        (top, bottom), (left, right) = self.same_padding(x.shape[-2], 0), self.same_padding(x.shape[-1], 1)
+        if self.groups == 1 and (top, left) != (bottom, right):
+            return F.conv2d(F.pad(x, [left, right, top, bottom]), weight, bias, self.stride, 0, self.dilation,
+                            self.groups)
+        weight = F.pad(weight, [right - left, 0, bottom - top, 0])  # 0 or 1 zero row/column
+        return F.conv2d(x, weight, bias, self.stride, (bottom, right), self.dilation, self.groups)
+
+
+class ConvBN(nn.Sequential):
+    """Convolution, BatchNorm and (optionally) ReLU6: ``conv``, ``bn``, ``act``, run in one pass when it can.
+
+    While BatchNorm uses its running statistics (eval mode: evaluation, or a frozen layer while the
+    rest trains, ``batchnorm="frozen"``), it is a fixed affine map of each channel, so it is folded
+    into the convolution's weight and bias on every call, from the current parameters: one pass
+    over the activations instead of two, forward and backward, and the same gradients for the
+    convolution and BatchNorm's weight and bias (equal to 1e-14 in float64). Lite0 training at
+    224 px with frozen BatchNorm, batch 32, 2 threads: 12.6 -> 17.7 images/s. A BatchNorm that
+    updates its statistics, or any hook on the two layers, runs them one after the other as usual.
+    """
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        ph, pw = self._total(x.shape[-2]), self._total(x.shape[-1])
-        return F.pad(x, [pw // 2, pw - pw // 2, ph // 2, ph - ph // 2])
+        conv, bn = self[0], self[1]
+        if (bn.training or type(bn) is not nn.BatchNorm2d or not bn.affine or bn.running_var is None
+                or type(conv) not in (nn.Conv2d, SameConv2d) or _hooked(conv) or _hooked(bn)):
+            return super().forward(x)
+        scale = bn.weight * torch.rsqrt(bn.running_var + bn.eps)
+        bias = bn.bias - bn.running_mean * scale
+        if conv.bias is not None:
+            bias = bias + conv.bias * scale
+        out = conv._conv_forward(x, conv.weight * scale.reshape(-1, 1, 1, 1), bias)
+        for later in list(self)[2:]:
+            out = later(out)
+        return out
 
-    def extra_repr(self) -> str:
-        return f"kernel_size={self.kernel_size}, stride={self.stride}"
+
+def _hooked(module: nn.Module) -> bool:
+    return bool(module._forward_hooks or module._forward_pre_hooks or module._backward_hooks
+                or getattr(module, "_backward_pre_hooks", None))
 
 
 def conv_bn(
@@ -147,25 +193,26 @@ def conv_bn(
     stride: int = 1,
     groups: int = 1,
     activation: bool = True,
-) -> nn.Sequential:
+) -> ConvBN:
     """Convolution, batch norm and (optionally) ReLU6, with TF "SAME" padding.
 
-    >>> conv_bn(3, 8, 3, stride=2)(torch.zeros(1, 3, 15, 15)).shape
+    >>> block = conv_bn(3, 8, 3, stride=2)
+    >>> block(torch.zeros(1, 3, 15, 15)).shape
     torch.Size([1, 8, 8, 8])
+    >>> x = torch.randn(2, 3, 15, 15)
+    >>> torch.allclose(block.eval()(x), block.act(block.bn(block.conv(x))), atol=1e-5)  # folded
+    True
     """
     layers: OrderedDict[str, nn.Module] = OrderedDict()
     if stride > 1:
-        layers["pad"] = SamePad(kernel_size, stride)
-        padding = 0
-    else:
-        padding = kernel_size // 2  # symmetric: equal to "SAME" for odd kernels at stride 1
-    layers["conv"] = nn.Conv2d(
-        in_channels, out_channels, kernel_size, stride=stride, padding=padding, groups=groups, bias=False
-    )
+        layers["conv"] = SameConv2d(in_channels, out_channels, kernel_size, stride=stride, groups=groups)
+    else:  # symmetric padding: equal to "SAME" for odd kernels at stride 1
+        layers["conv"] = nn.Conv2d(in_channels, out_channels, kernel_size, padding=kernel_size // 2,
+                                   groups=groups, bias=False)
     layers["bn"] = BatchNorm(out_channels)
     if activation:
         layers["act"] = nn.ReLU6(inplace=True)
-    return nn.Sequential(layers)
+    return ConvBN(layers)
 
 
 class MBConv(nn.Module):

@@ -2,6 +2,7 @@
 split, heads, packaged weights and their hashes, errors."""
 from __future__ import annotations
 
+import copy
 import dataclasses
 import shutil
 import socket
@@ -10,6 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 from matplotlib.cbook import get_sample_data
+import torch.nn.functional as F
 from torch import nn
 from torchvision.models import MobileNet_V2_Weights, MobileNet_V3_Small_Weights, ResNet18_Weights, mobilenet_v2
 from torchvision.transforms import v2
@@ -18,14 +20,16 @@ from d2lft import weights as packaged
 from d2lft.cli import main
 from d2lft.efficientnet_lite import (
     VARIANTS,
+    ConvBN,
     EfficientNetLite,
-    SamePad,
+    SameConv2d,
     efficientnet_lite,
     efficientnet_lite0,
     lite_weights_path,
     rename_lite0_key,
     rename_lite_key,
 )
+from d2lft.freeze import freeze_batchnorm, set_train_mode
 from d2lft.images import load_image
 from d2lft.inference import classify
 from d2lft.models import (
@@ -231,12 +235,57 @@ def test_hymenoptera_photos_get_ant_and_bee_labels_with_tf_normalisation(lite0, 
 # --- architecture details --------------------------------------------------------------------------
 
 
-def test_same_pad_is_asymmetric_like_tensorflow():
-    x = torch.ones(1, 1, 56, 56)
-    padded = SamePad(5, 2)(x)  # total padding 3: one before, two after
-    assert padded.shape[-2:] == (59, 59)
-    assert padded[0, 0, 1, 1] == 1 and padded[0, 0, 0, 0] == 0 and padded[0, 0, -2, -2] == 0
-    assert SamePad(3, 2)(torch.ones(1, 1, 7, 7)).shape[-1] == 9  # odd input: 1 each side
+@pytest.mark.parametrize("kernel", [3, 5])
+@pytest.mark.parametrize("size", [7, 8, 56, 57])
+@pytest.mark.parametrize("depthwise", [True, False])
+def test_same_conv_is_tensorflow_same_padding(kernel, size, depthwise):
+    # TensorFlow's definition: pad the input (the odd pixel right and bottom), then convolve
+    torch.manual_seed(0)
+    channels = 4
+    conv = SameConv2d(channels, channels, kernel, stride=2, groups=channels if depthwise else 1)
+    total = max((-(-size // 2) - 1) * 2 + kernel - size, 0)
+    x = torch.randn(2, channels, size, size, requires_grad=True)
+    before, after = total // 2, total - total // 2
+    expected = F.conv2d(F.pad(x, [before, after, before, after]), conv.weight, stride=2, groups=conv.groups)
+    got = conv(x)
+    assert got.shape == expected.shape == (2, channels, -(-size // 2), -(-size // 2))
+    torch.testing.assert_close(got, expected)
+    grad = torch.randn_like(got)
+    dx, dw = torch.autograd.grad(got, (x, conv.weight), grad)
+    dx0, dw0 = torch.autograd.grad(expected, (x, conv.weight), grad)
+    torch.testing.assert_close(dx, dx0)
+    torch.testing.assert_close(dw, dw0, rtol=1e-4, atol=1e-4)  # sums of 6,000 products, another order
+    assert conv.weight.shape[-1] == kernel  # the checkpoint's shape: the padded kernel is made per call
+
+
+def test_frozen_batchnorm_folded_into_the_convolution_trains_exactly_as_unfolded():
+    # batchnorm="frozen": BatchNorm on its running statistics while the convolutions train
+    torch.manual_seed(0)
+    net = create_model("efficientnet_lite0", pretrained=False, num_classes=3).double()
+    for m in net.modules():  # statistics other than 0 and 1, as pretrained ones are
+        if isinstance(m, nn.BatchNorm2d):
+            m.running_mean.uniform_(-1, 1), m.running_var.uniform_(0.5, 2), m.weight.data.uniform_(0.5, 2)
+    for m in (net, unfolded := copy.deepcopy(net)):
+        freeze_batchnorm(m.backbone)
+        set_train_mode(m)
+        m.backbone.stage2[0].depthwise.bn.weight.requires_grad_(True)  # and one BN weight that trains
+    blocks = [m for m in unfolded.modules() if isinstance(m, ConvBN)]
+    assert len(blocks) == 49
+    for m in blocks:
+        m.__class__ = nn.Sequential  # one layer after the other
+    x, y = torch.randn(2, 3, 64, 64, dtype=torch.float64), torch.tensor([0, 2])
+    outputs, grads = [], []
+    for m in (net, unfolded):
+        torch.manual_seed(1)  # the head's dropout
+        out = m(x)
+        params = [p for p in m.parameters() if p.requires_grad]
+        outputs.append(out)
+        grads.append(torch.autograd.grad(nn.functional.cross_entropy(out, y), params))
+    torch.testing.assert_close(outputs[0], outputs[1], rtol=1e-10, atol=1e-12)
+    assert len(grads[0]) == 49 + 2 + 1  # the convolutions, the head, the BN weight
+    for a, b in zip(*grads):
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-12)
+    assert all(not m.bn.training for m in blocks)  # it was the folded path that ran in `net`
 
 
 @pytest.mark.parametrize("variant", sorted(VARIANTS))
@@ -317,7 +366,7 @@ def test_a_missing_package_names_the_pip_line(monkeypatch, capsys, torch_home):
 
 
 def test_lite0_accepts_other_image_sizes(lite0):
-    with torch.no_grad():  # SamePad computes the padding from each input, so any size works
+    with torch.no_grad():  # SameConv2d computes the padding from each input, so any size works
         for size in (97, 160):
             assert lite0.forward_features(torch.zeros(1, 3, size, size)).shape == (1, 1280)
 
