@@ -24,16 +24,17 @@ __all__ = ["bench", "format_report", "format_time_to_accuracy", "inference_speed
 
 
 class TimedLoader:
-    """Wraps a DataLoader: yields its first `limit` batches and records when each was asked for.
+    """Wraps a DataLoader: yields `limit` batches, going on into its next epoch when one runs out, and records
+    when each was asked for (so a small folder still gives as many timed steps as asked).
 
-    >>> loader = TimedLoader([(torch.zeros(2, 3), torch.zeros(2))] * 3, limit=2)
+    >>> loader = TimedLoader([(torch.zeros(2, 3), torch.zeros(2))] * 3, limit=5)
     >>> len(loader), len(list(loader)), len(loader.step_seconds())
-    (2, 2, 1)
+    (5, 5, 4)
     """
 
     def __init__(self, loader, *, limit: int) -> None:
         self.loader = loader
-        self.limit = min(limit, len(loader))
+        self.limit = limit
         self.stamps: list[float] = []
         self.batch_sizes: list[int] = []
 
@@ -43,12 +44,16 @@ class TimedLoader:
     def __iter__(self) -> Iterator:
         self.stamps = []
         self.batch_sizes = []
-        for i, batch in enumerate(self.loader):
-            if i == self.limit:
-                break
-            self.stamps.append(time.perf_counter())
-            self.batch_sizes.append(len(batch[1]))
-            yield batch
+        while len(self.batch_sizes) < self.limit:
+            before = len(self.batch_sizes)
+            for batch in self.loader:  # one epoch (a DataLoader shuffles again for the next)
+                if len(self.batch_sizes) == self.limit:
+                    break
+                self.stamps.append(time.perf_counter())
+                self.batch_sizes.append(len(batch[1]))
+                yield batch
+            if len(self.batch_sizes) == before:
+                raise ConfigError("bench: the loader yielded no batches; use more images or a smaller batch")
         self.stamps.append(time.perf_counter())  # the end of the last step
 
     def step_seconds(self) -> list[float]:
@@ -71,12 +76,14 @@ def plain_loop(net: nn.Module, loader, *, device: torch.device, lr: float = 1e-3
         torch.cuda.synchronize()
 
 
-def _images_per_second(timed: TimedLoader, warmup: int) -> tuple[float, int]:
-    """Median images/s over the steps after `warmup`, and how many steps that median is over."""
+def _images_per_second(timed: TimedLoader, warmup: int) -> tuple[float, int, dict[str, float]]:
+    """Median images/s over the steps after `warmup`, how many steps that is, and their min/median/max."""
     steps = timed.step_seconds()[max(warmup, 0):]  # step_seconds()[i] is step i + 1: drop the warm-up steps
     if not steps:
-        raise ConfigError("bench: no timed steps; use more images, a smaller batch or fewer warm-up steps")
-    return timed.batch_sizes[0] / statistics.median(steps), len(steps)
+        raise ConfigError("bench: no timed steps; use more steps or fewer warm-up steps")
+    size = timed.batch_sizes[0]
+    spread = {"min": size / max(steps), "median": size / statistics.median(steps), "max": size / min(steps)}
+    return spread["median"], len(steps), spread
 
 
 def _plain_loader(checked, *, image_size: int, batch_size: int, mean, std, train: bool = True) -> DataLoader:
@@ -142,7 +149,7 @@ def bench(
     model: str = "efficientnet_lite0",
     image_size: int = 224,
     batch_size: int = 32,
-    steps: int = 10,
+    steps: int = 20,
     warmup: int = 2,
     device: str | torch.device | None = None,
     data: str | Path | None = None,
@@ -170,6 +177,7 @@ def bench(
     limit = warmup + steps + 1
     results: dict[str, float] = {}
     timed_steps: dict[str, int] = {}
+    spread: dict[str, dict[str, float]] = {}
     setup_seconds: dict[str, float] = {}
     order = ("plain", "fit_plain", "fit")
     unknown = [name for name in contenders if name not in order]
@@ -202,7 +210,7 @@ def bench(
             if device.type == "cpu":
                 keep_freed_memory()  # what the command line does for a CPU run
             fit(net, timed, epochs=1, device=device, progress=False, best=None)
-        results[name], timed_steps[name] = _images_per_second(timed, warmup)
+        results[name], timed_steps[name], spread[name] = _images_per_second(timed, warmup)
     # The same model's inference on batches of the same shape, in the same process: what one trained
     # image costs in forward passes (about 3 in FLOPs: a forward and a backward twice its size).
     inference = inference_speed({model: net}, image_size=image_size, batch_size=batch_size,
@@ -213,12 +221,13 @@ def bench(
         "image_size": image_size,
         "batch_size": batch_size,
         "steps": steps,
-        "timed_steps": timed_steps,  # fewer than `steps` when one epoch of the data has fewer batches
+        "timed_steps": timed_steps,  # `steps`: a small folder is read for more than one epoch
         "warmup": warmup,
         "threads": torch.get_num_threads(),
         "data": str(root),
         "skipped": list(checked.skipped),  # files no contender used (unreadable, or not an image type)
-        "images_per_second": results,
+        "images_per_second": results,  # the median step's
+        "images_per_second_spread": spread,  # of the slowest, the median and the fastest step
         "setup_seconds": setup_seconds,
         "inference_images_per_second": inference,
         "forward_passes_per_trained_image": {k: inference / v for k, v in results.items()},
@@ -353,10 +362,9 @@ def format_report(report: dict) -> str:
     """A small table of a `bench` report, for the terminal."""
     lines = [
         f"{report['model']} on {report['device']}, {report['image_size']} px, batch {report['batch_size']}, "
-        f"median of {min(report['timed_steps'].values())} steps after {report['warmup']} warm-up"
-        + (f" (asked for {report['steps']}: the data has fewer batches)"
-           if min(report["timed_steps"].values()) < report["steps"] else ""),
-        f"{'contender':<10} {'images/s':>9} {'vs plain':>9} {'setup s':>8}",
+        f"{report['threads']} threads; images/s of the median step of {min(report['timed_steps'].values())} "
+        f"after {report['warmup']} warm-up (slowest and fastest step)",
+        f"{'contender':<10} {'images/s':>9} {'(min - max)':>13} {'vs plain':>9} {'setup s':>8}",
     ]
     if report.get("skipped"):
         lines.append(f"skipped {len(report['skipped'])} file(s) in {report['data']} (see the warnings): "
@@ -364,7 +372,9 @@ def format_report(report: dict) -> str:
     ratios = report.get("ratio_vs_plain", {})
     for name, ips in report["images_per_second"].items():
         ratio = f"{ratios[name]:.2f}x" if name in ratios else "1.00x" if name == "plain" else "-"
-        lines.append(f"{name:<10} {ips:9.1f} {ratio:>9} {report['setup_seconds'][name]:8.1f}")
+        low, high = report["images_per_second_spread"][name]["min"], report["images_per_second_spread"][name]["max"]
+        lines.append(f"{name:<10} {ips:9.1f} {f'({low:.1f} - {high:.1f})':>13} {ratio:>9} "
+                     f"{report['setup_seconds'][name]:8.1f}")
     if "inference_images_per_second" in report:
         passes = report["forward_passes_per_trained_image"]
         lines.append(f"inference {report['inference_images_per_second']:10.1f} images/s (eval, no grad): a trained "

@@ -424,7 +424,7 @@ def _parser() -> argparse.ArgumentParser:
     bench.add_argument("--image-size", type=_positive_int, default=224, help="default 224")
     bench.add_argument("--batch-size", type=_positive_int, default=None,
                        help="default 32 (with --to-accuracy: the tutorial's 4)")
-    bench.add_argument("--steps", type=_positive_int, default=10, help="timed steps per contender (default 10)")
+    bench.add_argument("--steps", type=_positive_int, default=20, help="timed steps per contender (default 20)")
     bench.add_argument("--warmup", type=int, default=2, help="untimed steps first (default 2)")
     bench.add_argument("--device", default=None, help="cpu, cuda or mps (default: the best available)")
     bench.add_argument("--data", type=Path, default=None, help="image folder to read (default: the course dataset)")

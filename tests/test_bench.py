@@ -7,6 +7,7 @@ import pytest
 
 from d2lft.bench import TimedLoader, bench, format_report, format_time_to_accuracy, time_to_accuracy
 from d2lft.cli import main
+from d2lft.errors import ConfigError
 from d2lft.synthetic import make_shapes
 
 
@@ -15,6 +16,9 @@ def test_timed_loader_counts_steps_between_batches():
     assert len(list(timed)) == 4
     assert len(timed.step_seconds()) == 3
     assert all(s >= 0 for s in timed.step_seconds())
+    assert len(list(TimedLoader([([0], [0])] * 2, limit=5))) == 5  # into a third epoch
+    with pytest.raises(ConfigError, match="yielded no batches"):
+        list(TimedLoader([], limit=3))
 
 
 @pytest.mark.slow
@@ -33,12 +37,14 @@ def test_bench_runs_all_contenders_and_reports_ratios(tmp_path):
     assert "plain" in format_report(report) and "forward passes" in format_report(report)
 
 
-def test_bench_reports_fewer_steps_when_the_data_runs_out(tmp_path):
+def test_bench_reads_a_small_folder_for_more_than_one_epoch_to_time_every_step_asked_for(tmp_path):
     root = make_shapes(tmp_path)  # 120 training images: 3 batches of 32
-    report = bench(model="efficientnet_lite0", image_size=32, batch_size=32, steps=50, warmup=1, device="cpu",
-                   data=root, contenders=("plain",))
-    assert 0 < report["timed_steps"]["plain"] < 50
-    assert "asked for 50" in format_report(report)
+    report = bench(model="efficientnet_lite0", image_size=32, batch_size=32, steps=7, warmup=1, device="cpu",
+                   data=root, contenders=("plain", "fit"))
+    assert report["timed_steps"] == {"plain": 7, "fit": 7}
+    for name, spread in report["images_per_second_spread"].items():
+        assert spread["min"] <= spread["median"] == report["images_per_second"][name] <= spread["max"]
+    assert "median step of 7" in format_report(report)
 
 
 def test_bench_cli_writes_json(tmp_path):
