@@ -76,14 +76,13 @@ def plain_loop(net: nn.Module, loader, *, device: torch.device, lr: float = 1e-3
         torch.cuda.synchronize()
 
 
-def _images_per_second(timed: TimedLoader, warmup: int) -> tuple[float, int, dict[str, float]]:
-    """Median images/s over the steps after `warmup`, how many steps that is, and their min/median/max."""
+def _images_per_second(timed: TimedLoader, warmup: int) -> tuple[dict[str, float], int]:
+    """Images/s of the slowest, the median and the fastest step after `warmup`, and how many steps that is."""
     steps = timed.step_seconds()[max(warmup, 0):]  # step_seconds()[i] is step i + 1: drop the warm-up steps
     if not steps:
         raise ConfigError("bench: no timed steps; use more steps or fewer warm-up steps")
     size = timed.batch_sizes[0]
-    spread = {"min": size / max(steps), "median": size / statistics.median(steps), "max": size / min(steps)}
-    return spread["median"], len(steps), spread
+    return {"min": size / max(steps), "median": size / statistics.median(steps), "max": size / min(steps)}, len(steps)
 
 
 def _plain_loader(checked, *, image_size: int, batch_size: int, mean, std, train: bool = True) -> DataLoader:
@@ -210,7 +209,8 @@ def bench(
             if device.type == "cpu":
                 keep_freed_memory()  # what the command line does for a CPU run
             fit(net, timed, epochs=1, device=device, progress=False, best=None)
-        results[name], timed_steps[name], spread[name] = _images_per_second(timed, warmup)
+        spread[name], timed_steps[name] = _images_per_second(timed, warmup)
+        results[name] = spread[name]["median"]
     # The same model's inference on batches of the same shape, in the same process: what one trained
     # image costs in forward passes (about 3 in FLOPs: a forward and a backward twice its size).
     inference = inference_speed({model: net}, image_size=image_size, batch_size=batch_size,

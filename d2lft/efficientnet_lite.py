@@ -153,6 +153,11 @@ class SameConv2d(nn.Conv2d):
         return F.conv2d(x, weight, bias, self.stride, (bottom, right), self.dilation, self.groups)
 
 
+#: Convolutions whose forward reads only their weight and bias, so a BatchNorm after them folds into those
+#: (`ConvBN` on each call, `d2lft.loop.folded_batchnorm` in a copy for evaluation).
+FOLDABLE_CONVS = (nn.Conv2d, SameConv2d)
+
+
 class ConvBN(nn.Sequential):
     """Convolution, BatchNorm and (optionally) ReLU6: ``conv``, ``bn``, ``act``, run in one pass when it can.
 
@@ -168,7 +173,7 @@ class ConvBN(nn.Sequential):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         conv, bn = self[0], self[1]
         if (bn.training or type(bn) is not nn.BatchNorm2d or not bn.affine or bn.running_var is None
-                or type(conv) not in (nn.Conv2d, SameConv2d) or _hooked(conv) or _hooked(bn)):
+                or type(conv) not in FOLDABLE_CONVS or _hooked(conv) or _hooked(bn)):
             return super().forward(x)
         scale = bn.weight * torch.rsqrt(bn.running_var + bn.eps)
         bias = bn.bias - bn.running_mean * scale
@@ -182,7 +187,7 @@ class ConvBN(nn.Sequential):
 
 def _hooked(module: nn.Module) -> bool:
     return bool(module._forward_hooks or module._forward_pre_hooks or module._backward_hooks
-                or getattr(module, "_backward_pre_hooks", None))
+                or module._backward_pre_hooks)
 
 
 def conv_bn(

@@ -177,12 +177,12 @@ def folded_batchnorm(net: nn.Module) -> nn.Module:
     if net.training or hooked or isinstance(net, nn.parallel.DistributedDataParallel):
         return net
 
-    from d2lft.efficientnet_lite import SameConv2d  # its forward reads weight and bias as Conv2d's does
+    from d2lft.efficientnet_lite import FOLDABLE_CONVS
 
     def pairs(module: nn.Module) -> list[tuple[str, str]]:
         children = list(module.named_children())
         return [(a, b) for (a, conv), (b, bn) in zip(children, children[1:])
-                if type(conv) in (nn.Conv2d, SameConv2d) and type(bn) is nn.BatchNorm2d
+                if type(conv) in FOLDABLE_CONVS and type(bn) is nn.BatchNorm2d
                 and bn.running_mean is not None and not conv.training and not bn.training]
 
     if not any(isinstance(m, nn.Sequential) and pairs(m) for m in modules):

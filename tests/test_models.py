@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from matplotlib.cbook import get_sample_data
 import torch.nn.functional as F
+from matplotlib.cbook import get_sample_data
 from torch import nn
 from torchvision.models import MobileNet_V2_Weights, MobileNet_V3_Small_Weights, ResNet18_Weights, mobilenet_v2
 from torchvision.transforms import v2
@@ -280,7 +280,7 @@ def test_frozen_batchnorm_folded_into_the_convolution_trains_exactly_as_unfolded
         out = m(x)
         params = [p for p in m.parameters() if p.requires_grad]
         outputs.append(out)
-        grads.append(torch.autograd.grad(nn.functional.cross_entropy(out, y), params))
+        grads.append(torch.autograd.grad(F.cross_entropy(out, y), params))
     torch.testing.assert_close(outputs[0], outputs[1], rtol=1e-10, atol=1e-12)
     assert len(grads[0]) == 49 + 2 + 1  # the convolutions, the head, the BN weight
     for a, b in zip(*grads):
