@@ -73,6 +73,8 @@ def run_finetune(
     `checkpoint` was started with (a setting given that differs from it is refused, as is other
     data). The checkpoint is written after every epoch of training the backbone, so `resume`
     continues an interrupted run from its last finished epoch, with its best weights and history.
+    On a CPU with bfloat16 instructions its evaluation passes (features, validation, the report)
+    run in bfloat16 (`d2lft.device.bf16_evaluation`); training stays in float32.
 
     Returns a JSON-ready dict: val_acc, per_class_recall, confusion_matrix and misclassified (of the
     model handed back, on val/, with the test-time augmentation it chose: tta), selected_on, kept,
@@ -81,7 +83,7 @@ def run_finetune(
     """
     from d2lft.callbacks import Checkpoint
     from d2lft.data import image_folders
-    from d2lft.device import resolve_device, set_seed
+    from d2lft.device import bf16_evaluation, resolve_device, set_seed
     from d2lft.distributed import is_main_process
     from d2lft.models import create_model, replace_head
     from d2lft.recipes import AUTO_AUGMENT, HELD_OUT, fine_tune, selection_split
@@ -117,11 +119,13 @@ def run_finetune(
         select = select if select is not data else None
     # fit saves the run after every epoch of training the backbone, with what it is (extra): resumable
     # even after a crash. A probe's epochs on cached features take seconds: it is saved once, below.
-    history = fine_tune(net, select or data, strategy=strategy, epochs=settings["epochs"], lr=settings["lr"],
-                        batchnorm=settings["batchnorm"], augment=settings["augment"], device=device,
-                        progress=progress, seed=seed,
-                        checkpoint=Checkpoint(checkpoint, extra=extra) if checkpoint is not None else None,
-                        resume=checkpoint if saved is not None else None)
+    # Evaluation (features, validation, the report) in bfloat16 where this CPU computes it natively.
+    with bf16_evaluation(device.type == "cpu"):
+        history = fine_tune(net, select or data, strategy=strategy, epochs=settings["epochs"], lr=settings["lr"],
+                            batchnorm=settings["batchnorm"], augment=settings["augment"], device=device,
+                            progress=progress, seed=seed,
+                            checkpoint=Checkpoint(checkpoint, extra=extra) if checkpoint is not None else None,
+                            resume=checkpoint if saved is not None else None)
     selected_on = history.selected_on or selected_on
     if select is None and history.selected_on == HELD_OUT:  # auto carved its own hold-out
         select = selection_split(data, seed=seed)[0]
@@ -133,7 +137,8 @@ def run_finetune(
                       extra={**extra, "finished": not history.halted, "stop_reason": history.stop_reason,
                              "tta": history.tta})  # d2lft predict averages the views the run chose
     net.tta = history.tta  # the report is of the model as it will predict
-    validation = _validate(net, data, data_dir, device) if len(history) else {}
+    with bf16_evaluation(device.type == "cpu"):
+        validation = _validate(net, data, data_dir, device) if len(history) else {}
     tuned_seconds = sum(history.seconds[history.probe_epochs:])
     return {
         # of the model handed back, on val/; None: stopped before the first epoch ended

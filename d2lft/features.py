@@ -14,6 +14,7 @@ so extract features with the evaluation transform.
 """
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Iterable
 from typing import Any
 
@@ -188,7 +189,8 @@ def domain_shift(net: nn.Module, data: Any, *, images: int = 128, image_size: in
 
     hooks = [m.register_forward_hook(record) for m in layers]
     try:
-        runner = Runner.for_net(net, device)
+        # float32 even under bf16_evaluation: the statistics are compared with a threshold
+        runner = dataclasses.replace(Runner.for_net(net, device), eval_bf16=False)
         net.to(runner.device)
         for _ in eval_outputs(net, DataLoader(picked, batch_size=loader.batch_size), runner=runner,
                               fn=net.forward_features if hasattr(net, "forward_features") else net):

@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from d2lft import distributed
-from d2lft.device import resolve_device
+from d2lft.device import evaluates_in_bf16, resolve_device
 from d2lft.errors import ConfigError
 from d2lft.freeze import preserved
 
@@ -31,7 +31,8 @@ __all__ = ["Runner", "train_step", "eval_outputs", "folded_batchnorm"]
 @dataclass(frozen=True)
 class Runner:
     """Where and how batches run: the device, the autocast dtype (None: float32), the memory format,
-    and whether evaluation folds BatchNorm into the convolutions before it.
+    whether evaluation folds BatchNorm into the convolutions before it, and whether evaluation runs
+    in bfloat16 on the CPU (`d2lft.device.bf16_evaluation`, off by default).
 
     Defaults (`for_device`): mixed precision on CUDA only (bf16 where supported, else fp16 with
     loss scaling; on the CPU autocast was not faster for these convolutions); channels-last on
@@ -39,13 +40,14 @@ class Runner:
     folded BatchNorm for evaluation on the CPU (`folded_batchnorm`; the figures are in `for_net`).
 
     >>> Runner.for_device("cpu")
-    Runner(device=device(type='cpu'), amp_dtype=None, channels_last=True, fold_batchnorm=True)
+    Runner(device=device(type='cpu'), amp_dtype=None, channels_last=True, fold_batchnorm=True, eval_bf16=False)
     """
 
     device: torch.device
     amp_dtype: torch.dtype | None = None
     channels_last: bool = False
     fold_batchnorm: bool = False
+    eval_bf16: bool = False
 
     @classmethod
     def for_device(cls, device: str | torch.device | None = None, *, amp: bool | None = None,
@@ -61,7 +63,9 @@ class Runner:
             channels_last = device.type in ("cuda", "cpu")
         if fold_batchnorm is None:
             fold_batchnorm = device.type == "cpu"
-        return cls(device=device, amp_dtype=dtype, channels_last=channels_last, fold_batchnorm=fold_batchnorm)
+        eval_bf16 = device.type == "cpu" and dtype is None and evaluates_in_bf16()
+        return cls(device=device, amp_dtype=dtype, channels_last=channels_last, fold_batchnorm=fold_batchnorm,
+                   eval_bf16=eval_bf16)
 
     @classmethod
     def for_net(cls, net: nn.Module, device: str | torch.device | None = None) -> Runner:
@@ -88,8 +92,10 @@ class Runner:
             x = x.to(self.device, non_blocking=True)
         return x, (y.to(self.device, non_blocking=True) if y is not None else None)
 
-    def autocast(self):
-        """Mixed precision for the forward pass, or nothing."""
+    def autocast(self, *, evaluation: bool = False):
+        """Mixed precision for the forward pass (of an evaluation pass: `evaluation`), or nothing."""
+        if evaluation and self.eval_bf16:
+            return torch.autocast(self.device.type, dtype=torch.bfloat16)
         if self.amp_dtype is None:
             return contextlib.nullcontext()
         return torch.autocast(self.device.type, dtype=self.amp_dtype)
@@ -217,6 +223,6 @@ def eval_outputs(net: nn.Module, loader: Iterable, *, runner: Runner,
             fn = fast if fn is net else getattr(fast, fn.__name__)
         for batch in distributed.shard_eval_loader(loader):
             x, y = runner.inputs(batch)
-            with runner.autocast():
+            with runner.autocast(evaluation=True):
                 out = fn(x)
             yield out, y
