@@ -126,18 +126,17 @@ def run_finetune(
                             progress=progress, seed=seed,
                             checkpoint=Checkpoint(checkpoint, extra=extra) if checkpoint is not None else None,
                             resume=checkpoint if saved is not None else None)
-    selected_on = history.selected_on or selected_on
-    if select is None and history.selected_on == HELD_OUT:  # auto carved its own hold-out
-        select = selection_split(data, seed=seed)[0]
-    seconds = time.perf_counter() - start
-    tuned = len(history) - history.probe_epochs  # epochs that ran images through the whole network
-    if checkpoint is not None:
-        with _shielded():
-            _save_run(checkpoint, net=net, history=history, fine_tuned=tuned > 0,
-                      extra={**extra, "finished": not history.halted, "stop_reason": history.stop_reason,
-                             "tta": history.tta})  # d2lft predict averages the views the run chose
-    net.tta = history.tta  # the report is of the model as it will predict
-    with bf16_evaluation(device.type == "cpu"):
+        selected_on = history.selected_on or selected_on
+        if select is None and history.selected_on == HELD_OUT:  # auto carved its own hold-out
+            select = selection_split(data, seed=seed)[0]
+        seconds = time.perf_counter() - start
+        tuned = len(history) - history.probe_epochs  # epochs that ran images through the whole network
+        if checkpoint is not None:
+            with _shielded():
+                _save_run(checkpoint, net=net, history=history, fine_tuned=tuned > 0,
+                          extra={**extra, "finished": not history.halted, "stop_reason": history.stop_reason,
+                                 "tta": history.tta})  # d2lft predict averages the views the run chose
+        net.tta = history.tta  # the report is of the model as it will predict
         validation = _validate(net, data, data_dir, device) if len(history) else {}
     tuned_seconds = sum(history.seconds[history.probe_epochs:])
     return {

@@ -121,12 +121,12 @@ def bf16_evaluation(enabled: bool = True) -> Iterator[bool]:
     Every pass without gradients on the CPU (`evaluate`, `predict`, `extract_features`,
     `classify` and fit's validation) then runs under ``torch.autocast("cpu",
     dtype=torch.bfloat16)``; training steps stay in float32. On a 2-core EPYC with AVX512-BF16,
-    Lite0's inference at 224 px ran 2.0x faster (93 -> 203 images/s, batch 32, BatchNorm folded,
+    Lite0's inference at 224 px ran 2.2x faster (93 -> 203 images/s, batch 32, BatchNorm folded,
     channels-last), while a training step did not gain (15.5 -> 14.5 images/s with BatchNorm
-    frozen), so only evaluation changes. Outputs then agree with
-    float32's to about 1e-2 (bfloat16 keeps 8 bits of mantissa): enough for accuracy and for a
-    linear probe's features, not for golden figures, so the library's default is float32 and
-    ``d2lft finetune`` runs inside this block. The block yields whether it is on: False (nothing
+    frozen), so only evaluation changes. Outputs then agree with float32's to about 1e-2
+    (bfloat16 keeps 8 bits of mantissa): enough for accuracy and for a linear probe's features,
+    not for golden figures, so the library's default is float32 and ``d2lft finetune`` runs
+    inside this block. The block yields whether it is on: False (nothing
     changes) on a CPU without bfloat16 instructions, where autocast would emulate it, slower.
 
     >>> with bf16_evaluation(False) as on:
